@@ -1,0 +1,130 @@
+"""Garbage-photo classifier: freeze the early layers, fine-tune the deep ones, replace the final layer.
+
+Run with no arguments to train MobileNetV2 (offline ImageNet weights shipped in ./weights) on the
+small TrashNet sample shipped in ./data, print validation metrics and one prediction:
+
+    python examples/garbage/train.py
+
+Swap data, recipe or backbone:
+
+    python examples/garbage/train.py --data ../shared/data/trashnet --recipe linear-probe
+    python examples/garbage/train.py --backbone tf_efficientnet_lite0 --weights FILE
+    python examples/garbage/train.py --backbone resnet50          # hub weights, needs network
+
+Then: python -m tlkit evaluate --checkpoint runs/garbage-finetune --data DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from tlkit import (
+    BackboneConfig,
+    DataConfigOverrides,
+    DatasetConfig,
+    FineTuner,
+    RunConfig,
+    apply_recipe,
+    load_datasets,
+)
+from tlkit.recipes import RECIPES
+
+HERE = Path(__file__).resolve().parent
+
+# Weights that ship with this example, with what they need to be used correctly
+# (see weights/README.md): TensorFlow's "same" padding and mean = std = 0.5 preprocessing.
+OFFLINE = {
+    "mobilenetv2_100": dict(
+        weights=HERE / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors",
+        model_kwargs={"pad_type": "same"},
+        data_config=DataConfigOverrides(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                        interpolation="bicubic", crop_pct=0.875),
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=HERE / "data",
+                   help="folder with one sub-folder per class (default: the shipped sample)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
+    p.add_argument("--backbone", default="mobilenetv2_100", help="any timm model name")
+    p.add_argument("--weights", type=Path, help="local weights file (default: shipped file, else the hub)")
+    p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model argument, e.g. pad_type=same")
+    p.add_argument("--mean", type=float, nargs=3, help="override the weights' normalisation mean")
+    p.add_argument("--std", type=float, nargs=3, help="override the weights' normalisation std")
+    p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, help="run folder (default: runs/garbage-<recipe>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    known = OFFLINE.get(args.backbone) if args.weights is None else None
+    kwargs = dict(known["model_kwargs"]) if known else {}
+    kwargs.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_kwarg)})
+    overrides = known["data_config"] if known else DataConfigOverrides()
+    if args.mean:
+        overrides = overrides.model_copy(update={"mean": tuple(args.mean)})
+    if args.std:
+        overrides = overrides.model_copy(update={"std": tuple(args.std)})
+    config = RunConfig(
+        backbone=BackboneConfig(
+            name=args.backbone,
+            weights=known["weights"] if known else args.weights,
+            model_kwargs=kwargs,
+            data_config=overrides,
+        ),
+        data=DatasetConfig(root=args.data, val_fraction=args.val_fraction, split_seed=args.seed),
+        output_dir=args.output or Path("runs") / f"garbage-{args.recipe}",
+    )
+    config = apply_recipe(config, args.recipe)
+    train = {"seed": args.seed, "progress": not args.no_progress}
+    if args.epochs:
+        train["epochs"] = args.epochs
+        train["warmup_epochs"] = min(config.train.warmup_epochs, args.epochs)
+    return config.model_copy(update={"train": config.train.model_copy(update=train)})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = build_config(args)
+    train, val = load_datasets(config.data)
+    print(f"data: {len(train)} train / {len(val)} val images, classes {train.classes}")
+    tuner = FineTuner.from_config(config, train.classes)
+    print(f"backbone: {config.backbone.name} ({tuner.metadata()['backbone']['weights_source']}), "
+          f"recipe: {args.recipe}, device: {tuner.device}, autocast: {tuner.amp_dtype}")
+    config.to_file(Path(config.output_dir) / "config.yaml")
+    t0 = time.perf_counter()
+    tuner.fit(train, val)
+    wall = time.perf_counter() - t0
+
+    best = FineTuner.load(config.output_dir, progress=False)
+    metrics = best.evaluate(val).to_dict()
+    summary = {
+        "recipe": args.recipe,
+        "backbone": config.backbone.name,
+        "val_images": metrics["n"],
+        "top1": round(metrics["top1"], 4),
+        "macro_f1": round(metrics["macro_f1"], 4),
+        "trash_recall": metrics["per_class_recall"].get("trash"),
+        "train_seconds": round(wall, 1),
+        "checkpoint": str(Path(config.output_dir) / "best.safetensors"),
+    }
+    print(json.dumps(summary))
+    path, label = val.samples[0]
+    pred = best.predict(path)[0]
+    print(f"prediction for {path.name} (true: {val.classes[label]}): {pred.label} ({pred.probability:.1%})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

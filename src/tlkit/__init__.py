@@ -1,0 +1,59 @@
+"""tlkit: transfer learning on any timm backbone.
+
+    from tlkit import FreezePolicy, HeadReplacer, FineTuner
+"""
+
+__version__ = "0.1.0"
+
+from tlkit.backbone import create_backbone, load_weights, read_state_dict, resolve_data_config
+from tlkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tlkit.config import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfigOverrides,
+    DatasetConfig,
+    HeadConfig,
+    RunConfig,
+    TrainConfig,
+)
+from tlkit.data import ImageFolderDataset, create_transforms, load_datasets, load_image, stratified_split
+from tlkit.finetuner import FineTuner, Prediction
+from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
+from tlkit.head import HeadReplacer, TaskHead
+from tlkit.metrics import ClassificationMetrics
+from tlkit.recipes import RECIPES, apply_recipe
+
+__all__ = [
+    "__version__",
+    "AugmentConfig",
+    "BackboneConfig",
+    "CheckpointError",
+    "ClassificationMetrics",
+    "DataConfigOverrides",
+    "DatasetConfig",
+    "FineTuner",
+    "FreezePolicy",
+    "HeadConfig",
+    "HeadReplacer",
+    "ImageFolderDataset",
+    "ParamGroup",
+    "Phase",
+    "Prediction",
+    "RECIPES",
+    "RunConfig",
+    "TaskHead",
+    "TrainConfig",
+    "apply_recipe",
+    "cosine_lr_factor",
+    "create_backbone",
+    "create_transforms",
+    "load_checkpoint",
+    "load_datasets",
+    "load_image",
+    "load_weights",
+    "parameter_groups",
+    "read_state_dict",
+    "resolve_data_config",
+    "save_checkpoint",
+    "stratified_split",
+]

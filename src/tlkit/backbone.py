@@ -1,0 +1,192 @@
+"""Build a timm backbone and load its weights from the hub or a local file."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import nn
+
+from tlkit.config import BackboneConfig, DataConfigOverrides
+
+__all__ = ["create_backbone", "load_weights", "read_state_dict", "resolve_data_config"]
+
+_COUNTER = "num_batches_tracked"
+
+
+def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Module:
+    """Create a timm model with weights from a local file, the hub, or random initialisation.
+
+    The model keeps its pretrained classifier (replace it with `tlkit.HeadReplacer`).
+
+    Args:
+        config: a `BackboneConfig`, or a timm model name (then ``model_kwargs`` pass
+            through to ``timm.create_model``, e.g. ``pad_type="same"``).
+
+    Returns:
+        The model in eval mode, on the CPU, float32, with the config stored as
+        ``model.tlkit_backbone_config`` (read by `FineTuner` when it saves checkpoints).
+
+    Raises:
+        ValueError: unknown model name (with close matches), or weights that do not fit.
+        FileNotFoundError: ``config.weights`` does not exist.
+        RuntimeError: the hub download failed (no network); the message says how to load a file.
+    """
+    if isinstance(config, str):
+        config = BackboneConfig(name=config, model_kwargs=model_kwargs)
+    elif model_kwargs:
+        config = config.model_copy(update={"model_kwargs": {**config.model_kwargs, **model_kwargs}})
+    if not timm.is_model(config.name):
+        close = difflib.get_close_matches(config.name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model name {config.name!r}{hint}")
+    from_hub = config.pretrained and config.weights is None
+    try:
+        model = timm.create_model(config.name, pretrained=from_hub, **config.model_kwargs)
+    except (OSError, ConnectionError) as e:  # huggingface_hub errors derive from these
+        raise RuntimeError(
+            f"could not download pretrained weights for {config.name!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Offline, pass a local file with "
+            "BackboneConfig(weights=PATH), or pretrained=False for random initialisation."
+        ) from e
+    if config.pretrained and config.weights is not None:
+        load_weights(model, config.weights, key_mapping=config.key_mapping)
+    # Remembered so FineTuner checkpoints can rebuild the model with the same kwargs
+    # (e.g. pad_type="same") even when the caller does not pass the config along.
+    model.tlkit_backbone_config = config
+    return model.eval()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a ``.safetensors`` file, or a torch file with ``weights_only=True``.
+
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DDP's ``module.`` prefix
+    are removed. No pickle code is executed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read as weights (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a mapping of names to tensors, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not state:
+        raise ValueError(f"{path}: holds no tensors")
+    return state
+
+
+def _mismatch_message(path: Path, pairs: list[tuple[str, tuple, str, tuple]]) -> str:
+    shown = "; ".join(f"{fk} {list(fs)} -> {mk} {list(ms)}" for fk, fs, mk, ms in pairs[:3])
+    return f"{path}: {len(pairs)} tensor shape mismatch(es), first: {shown}"
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    key_mapping: Literal["auto", "exact", "by_order"] = "auto",
+) -> nn.Module:
+    """Load a weights file into ``model`` in place.
+
+    ``"exact"`` matches keys by name; a file without the classifier is accepted (the classifier
+    keeps its initialisation). ``"by_order"`` pairs the file's tensors with the model's
+    ``state_dict`` in order, shape for shape (for files from other code bases whose names
+    differ, such as the EfficientNet-Lite0 PyPI package); BatchNorm ``num_batches_tracked``
+    counters are ignored on both sides. ``"auto"`` uses names when they match, else order.
+
+    Raises:
+        ValueError: names or shapes do not fit; names the first mismatching keys and the file.
+    """
+    path = Path(path)
+    file_sd = read_state_dict(path)
+    model_sd = model.state_dict()
+    if key_mapping == "auto":
+        same = {k for k in file_sd if _COUNTER not in k} == {k for k in model_sd if _COUNTER not in k}
+        head_only_missing = set(file_sd) <= set(model_sd) and len(set(file_sd) & set(model_sd)) > 0.9 * len(file_sd)
+        key_mapping = "exact" if same or head_only_missing else "by_order"
+    if key_mapping == "exact":
+        from tlkit.head import classifier_param_names
+
+        unexpected = [k for k in file_sd if k not in model_sd]
+        missing = [k for k in model_sd if k not in file_sd and _COUNTER not in k]
+        missing_body = [k for k in missing if k not in set(classifier_param_names(model))]
+        if unexpected or missing_body:
+            raise ValueError(
+                f"{path}: key names do not match {type(model).__name__}: "
+                f"unexpected {unexpected[:3]} ({len(unexpected)}), missing {missing_body[:3]} "
+                f"({len(missing_body)}); try key_mapping='by_order' if the file comes from other code"
+            )
+        bad = [(k, tuple(v.shape), k, tuple(model_sd[k].shape)) for k, v in file_sd.items()
+               if tuple(v.shape) != tuple(model_sd[k].shape)]
+        if bad:
+            raise ValueError(_mismatch_message(path, bad))
+        model.load_state_dict(file_sd, strict=False)
+        return model
+    if path.suffix == ".safetensors":
+        raise ValueError(
+            f"{path}: key names differ from {type(model).__name__}'s and a safetensors file stores "
+            "tensors sorted by name, so they cannot be paired by order; rename the keys, or use the "
+            "original torch file (its state_dict keeps the order)"
+        )
+    file_items = [(k, v) for k, v in file_sd.items() if _COUNTER not in k]
+    model_keys = [k for k in model_sd if _COUNTER not in k]
+    bad = [(fk, tuple(fv.shape), mk, tuple(model_sd[mk].shape))
+           for (fk, fv), mk in zip(file_items, model_keys) if tuple(fv.shape) != tuple(model_sd[mk].shape)]
+    if bad:
+        raise ValueError(_mismatch_message(path, bad))
+    if len(file_items) != len(model_keys):
+        raise ValueError(
+            f"{path}: holds {len(file_items)} tensors but {type(model).__name__} has {len(model_keys)}; "
+            f"cannot map by order (first unpaired: "
+            f"{(file_items[len(model_keys)][0] if len(file_items) > len(model_keys) else model_keys[len(file_items)])!r})"
+        )
+    mapped = {mk: fv for (_, fv), mk in zip(file_items, model_keys)}
+    model.load_state_dict(mapped, strict=False)
+    return model
+
+
+def resolve_data_config(
+    model: nn.Module, overrides: DataConfigOverrides | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Preprocessing for ``model``: timm's ``resolve_data_config`` over its ``pretrained_cfg``, then overrides.
+
+    Returns:
+        A JSON-serialisable dict with ``input_size`` (C, H, W) in pixels, ``interpolation``,
+        ``mean`` and ``std`` (RGB, for inputs scaled to [0, 1]), ``crop_pct`` and ``crop_mode``.
+    """
+    from timm.data import resolve_data_config as timm_resolve
+
+    cfg = timm_resolve({}, model=model)
+    if isinstance(overrides, DataConfigOverrides):
+        overrides = overrides.model_dump(exclude_none=True)
+    elif overrides:
+        overrides = DataConfigOverrides(**overrides).model_dump(exclude_none=True)
+    cfg.update(overrides or {})
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+        "crop_mode": str(cfg.get("crop_mode", "center")),
+    }

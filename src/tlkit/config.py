@@ -1,0 +1,224 @@
+"""Validated, serialisable settings for every part of a tlkit run.
+
+Every model here is a pydantic v2 model that rejects unknown keys and out-of-range values with an
+error naming the field, and round-trips through YAML or JSON (`RunConfig.from_file`,
+`RunConfig.to_file`). YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tlkit.freeze import FreezePolicy
+
+__all__ = [
+    "StrictModel",
+    "DataConfigOverrides",
+    "BackboneConfig",
+    "HeadConfig",
+    "AugmentConfig",
+    "DatasetConfig",
+    "TrainConfig",
+    "RunConfig",
+]
+
+
+class StrictModel(BaseModel):
+    """Base for tlkit configs: unknown keys are an error, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfigOverrides(StrictModel):
+    """Overrides of timm's data config (preprocessing); ``None`` keeps the value from the weights.
+
+    The defaults come from the weights' ``pretrained_cfg`` through
+    ``timm.data.resolve_data_config``; set a field only when the weights were trained with
+    something else (e.g. the offline MobileNetV2 file needs ``mean = std = (0.5, 0.5, 0.5)``).
+    """
+
+    input_size: tuple[int, int, int] | None = Field(
+        None, description="(channels, height, width) of the model input, pixels."
+    )
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] | None = None
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Centre-crop fraction at eval.")
+    crop_mode: Literal["center", "squash", "border"] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and (v[0] != 3 or v[1] < 8 or v[2] < 8):
+            raise ValueError(f"input_size must be (3, H, W) with H, W >= 8, got {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"std values must be > 0, got {v}")
+        return v
+
+
+class BackboneConfig(StrictModel):
+    """Which timm model to build and where its weights come from.
+
+    Weight sources, in order: ``weights`` (a local safetensors or torch file) if set; else timm's
+    hub download when ``pretrained`` is true; else random initialisation.
+    """
+
+    name: str = Field("mobilenetv2_100", min_length=1, description="Any name timm.create_model knows.")
+    pretrained: bool = Field(True, description="Load pretrained weights (from `weights` or the hub).")
+    weights: Path | None = Field(None, description="Local weights file (.safetensors, .pt, .pth, .bin).")
+    key_mapping: Literal["auto", "exact", "by_order"] = Field(
+        "auto",
+        description="How file keys map onto the model: by name, by order (same shapes), or name then order.",
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model, e.g. pad_type."
+    )
+    data_config: DataConfigOverrides = Field(default_factory=DataConfigOverrides)
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"pretrained", "num_classes", "model_name", "pretrained_cfg_overlay"} & set(v)
+        if reserved:
+            raise ValueError(
+                f"model_kwargs may not set {sorted(reserved)}: use BackboneConfig.pretrained / "
+                "HeadConfig.num_classes instead"
+            )
+        return v
+
+
+class HeadConfig(StrictModel):
+    """The new task head that replaces the pretrained classifier."""
+
+    num_classes: int | None = Field(
+        None, ge=1, description="Number of classes; None takes it from the training data."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each Linear.")
+    hidden_dim: int | None = Field(None, ge=1, description="Width of an optional hidden layer.")
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentation passed to ``timm.data.create_transform(is_training=True)``.
+
+    Defaults are deliberately light (transfer learning from ImageNet features needs less than
+    training from scratch): random-resized-crop scale (0.5, 1.0) instead of timm's (0.08, 1.0).
+    """
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered_pair(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be 0 < low <= high, got {v}")
+        return v
+
+
+class DatasetConfig(StrictModel):
+    """An image-folder dataset (``root/<class>/<image>``) and its train/val split."""
+
+    root: Path | None = Field(None, description="Folder with one sub-folder per class.")
+    val_root: Path | None = Field(None, description="Separate validation folder; disables the split.")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Stratified validation share.")
+    split_seed: int = Field(0, ge=0)
+    classes: list[str] | None = Field(None, description="Class names in index order; default sorted folders.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class TrainConfig(StrictModel):
+    """Optimisation and loop settings for `tlkit.FineTuner`.
+
+    Defaults follow common timm fine-tuning practice: AdamW (Loshchilov & Hutter, 2019) with a
+    linear warm-up then cosine decay (Loshchilov & Hutter, 2017, SGDR), no weight decay on
+    biases and normalisation parameters.
+    """
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate of the head group.")
+    weight_decay: float = Field(0.01, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only.")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length, epochs.")
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    best_metric: Literal["top1", "macro_f1", "val_loss"] = "top1"
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast on CPUs with native bf16 and on CUDA, else fp32."
+    )
+    channels_last: bool | None = Field(None, description="None: on for convolutional models.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) is longer than epochs ({self.epochs})"
+            )
+        return self
+
+
+class RunConfig(StrictModel):
+    """Everything one training run needs; what ``tlkit train --config run.yaml`` reads."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    freeze: FreezePolicy = Field(default_factory=FreezePolicy)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DatasetConfig = Field(default_factory=DatasetConfig)
+    output_dir: Path = Path("runs/latest")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """Read a YAML (``.yaml``/``.yml``) or JSON file.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is not a mapping, or the suffix is unknown.
+            pydantic.ValidationError: a value is out of range or a key is unknown (names the field).
+        """
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in {".yaml", ".yml"}:
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"{path}: config must be .yaml, .yml or .json, got {path.suffix!r}")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: config must be a mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write YAML or JSON by suffix; returns the path."""
+        path = Path(path)
+        data = self.model_dump(mode="json")
+        if path.suffix.lower() == ".json":
+            text = json.dumps(data, indent=2)
+        else:
+            text = yaml.safe_dump(data, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path

@@ -1,0 +1,609 @@
+"""The training loop: fit, evaluate, predict, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from tlkit.backbone import create_backbone, resolve_data_config
+from tlkit.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    load_training_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
+from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
+from tlkit.data import ImageFolderDataset, create_transforms, load_image
+from tlkit.freeze import FreezePolicy, cosine_lr_factor
+from tlkit.head import HeadReplacer, TaskHead, classifier_module_names
+from tlkit.metrics import ClassificationMetrics
+
+__all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
+
+_LOWER_IS_BETTER = {"val_loss"}
+
+
+@dataclass
+class Prediction:
+    """The prediction for one image.
+
+    Attributes:
+        label: the most probable class name.
+        index: its class index.
+        probability: its softmax probability, in [0, 1].
+        probabilities: every class name with its probability (sums to 1).
+    """
+
+    label: str
+    index: int
+    probability: float
+    probabilities: dict[str, float]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else Apple MPS if available, else CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; ``None`` means plain float32.
+
+    ``"auto"`` picks bfloat16 on CUDA GPUs that support it (else float16) and on CPUs with
+    native bfloat16 instructions (AVX512-BF16 / AMX, as reported by oneDNN), else float32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        except (AttributeError, RuntimeError):
+            return None
+    return None
+
+
+def _infer_head_config(model: nn.Module, num_classes: int) -> HeadConfig:
+    head = model.get_submodule(classifier_module_names(model)[0])
+    if isinstance(head, TaskHead):
+        hidden = head.hidden.out_features if hasattr(head, "hidden") else None
+        act = next((k for k, v in {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}.items()
+                    if hasattr(head, "act") and isinstance(head.act, v)), "relu")
+        return HeadConfig(num_classes=num_classes, dropout=head.drop.p, hidden_dim=hidden, activation=act)
+    return HeadConfig(num_classes=num_classes)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FineTuner:
+    """Fine-tune a timm model: fit, evaluate, predict, save and load.
+
+    Args:
+        model: a timm model whose classifier has already been replaced (see
+            `HeadReplacer`); output logits ``(B, len(classes))``.
+        classes: class names in index order.
+        policy: which parameters train at each epoch; default full fine-tune.
+        config: optimisation and loop settings.
+        data_config: timm data config (see `tlkit.resolve_data_config`); default from the
+            model's ``pretrained_cfg`` with the backbone config's overrides. Saved in every checkpoint and used by `predict`.
+        augment: training augmentation.
+        output_dir: run folder for checkpoints and ``metrics.jsonl``; ``None`` writes nothing.
+        backbone: how the model was built; stored so `load` can rebuild it. Default: the config
+            `create_backbone` attached to the model, else its timm architecture name with no
+            extra kwargs.
+        head: the head's config; default inferred from the model.
+
+    Use `from_config` to build everything from a `RunConfig`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Sequence[str],
+        *,
+        policy: FreezePolicy | None = None,
+        config: TrainConfig | None = None,
+        data_config: dict[str, Any] | None = None,
+        augment: AugmentConfig | None = None,
+        output_dir: str | Path | None = None,
+        backbone: BackboneConfig | None = None,
+        head: HeadConfig | None = None,
+    ) -> None:
+        self.classes = list(classes)
+        self.policy = policy or FreezePolicy()
+        self.config = config or TrainConfig()
+        self.augment = augment or AugmentConfig()
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
+        self.data_config = data_config or resolve_data_config(model, self.backbone.data_config)
+        self.head = head or _infer_head_config(model, len(self.classes))
+        if self.head.num_classes is None:
+            self.head = self.head.model_copy(update={"num_classes": len(self.classes)})
+        if self.head.num_classes != len(self.classes):
+            raise ValueError(f"head has {self.head.num_classes} classes but {len(self.classes)} class names were given")
+        self.device = resolve_device(self.config.device)
+        self.amp_dtype = resolve_precision(self.config.precision, self.device)
+        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = self.config.channels_last if self.config.channels_last is not None else has_conv
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and self.device.type == "cuda" else None
+        self.step = 0
+        self.epoch = 0
+        self.best: dict[str, Any] = {"metric": None, "epoch": None}
+        self.history: list[dict[str, Any]] = []
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: RunConfig, classes: Sequence[str]) -> FineTuner:
+        """Build backbone, head, policy and loop from a `RunConfig`.
+
+        Raises:
+            ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
+        """
+        model = create_backbone(config.backbone)
+        head = config.head.model_copy(update={"num_classes": config.head.num_classes or len(classes)})
+        HeadReplacer.from_config(head).apply(model)
+        return cls(
+            model,
+            classes,
+            policy=config.freeze,
+            config=config.train,
+            data_config=resolve_data_config(model, config.backbone.data_config),
+            augment=config.data.augment,
+            output_dir=config.output_dir,
+            backbone=config.backbone,
+            head=head,
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def _dataset(self, data: Any, transform) -> torch.utils.data.Dataset:
+        if isinstance(data, ImageFolderDataset):
+            if data.classes != self.classes:
+                raise ValueError(f"dataset classes {data.classes} differ from the model's classes {self.classes}")
+            return data.with_transform(transform)
+        return data
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        if isinstance(dataset, torch.utils.data.DataLoader):
+            return dataset
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch) if shuffle else None
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=shuffle and len(dataset) > batch_size,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _build_optimizer(self, epoch: int) -> None:
+        cfg = self.config
+        groups = self.policy.param_groups(self.model, epoch, cfg.lr, cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Number of scalar parameters with ``requires_grad``."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(
+        self,
+        train: Any,
+        val: Any = None,
+        *,
+        resume: bool | str | Path = False,
+    ) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` epochs, evaluating on ``val`` after each.
+
+        At the start of every epoch the `FreezePolicy` is applied; at a phase boundary
+        newly unfrozen parameters join the optimizer with their own learning rate while the
+        others keep their state. The learning rate follows a linear warm-up then cosine decay,
+        per optimizer step. With ``output_dir`` set, each epoch writes ``last.safetensors`` and
+        ``last.state.pt`` (resume state), ``best.safetensors`` when ``config.best_metric``
+        improves, and ``metrics.jsonl``.
+
+        Args:
+            train: an `ImageFolderDataset` (the training transform is applied), or a
+                dataset yielding ``(float32 tensor (3, H, W), int label)``.
+            val: the same kinds, evaluated with the eval transform; ``None`` skips validation.
+            resume: ``True`` to continue from ``output_dir/last.state.pt``, or a path to a
+                ``.state.pt`` file.
+
+        Returns:
+            One dict per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``top1``,
+            ``macro_f1``, ``per_class_recall``, ``confusion_matrix``, ``lr``,
+            ``trainable_params``, ``seconds``, ``images_per_s``.
+
+        Raises:
+            ValueError: the policy leaves nothing trainable, or the classes do not match.
+            FloatingPointError: the loss became NaN or infinite (names epoch and step).
+            CheckpointError: the resume state is missing or corrupted.
+        """
+        cfg = self.config
+        train_ds = self._dataset(train, self.train_transform)
+        val_ds = self._dataset(val, self.eval_transform) if val is not None else None
+        n_train = len(train_ds.dataset) if isinstance(train_ds, torch.utils.data.DataLoader) else len(train_ds)
+        drop_last = n_train > cfg.batch_size
+        steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        _seed_everything(cfg.seed)
+        # Fail before any work if the policy is unusable at any phase.
+        for e in [0, *self.policy.boundaries()]:
+            self.policy.trainable_names(self.model, e)
+
+        start_epoch = 0
+        self.policy.apply(self.model, 0)
+        self._build_optimizer(0)
+        self.step, self.best, self.history = 0, {"metric": None, "epoch": None}, []
+        if resume:
+            start_epoch = self._resume(resume)
+
+        for epoch in range(start_epoch, cfg.epochs):
+            self.epoch = epoch
+            self.policy.apply(self.model, epoch)
+            if epoch in self.policy.boundaries():
+                self.policy.sync_optimizer(self.optimizer, self.model, epoch, cfg.lr, cfg.weight_decay)
+            self.model.train()
+            loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
+            t0 = time.perf_counter()
+            total_loss, seen = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+            for x, y in bar:
+                factor = cosine_lr_factor(self.step, total_steps, warmup_steps, cfg.min_lr_ratio)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = cfg.lr * g["lr_scale"] * factor
+                x, y = self._to_device(x), y.to(self.device)
+                with self._autocast():
+                    logits = self.model(x)
+                loss = criterion(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at epoch {epoch} step {self.step}; the last good "
+                        f"checkpoint is kept{' in ' + str(self.output_dir) if self.output_dir else ''}"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                else:
+                    loss.backward()
+                if cfg.grad_clip_norm:
+                    nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip_norm)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.step += 1
+                total_loss += loss.item() * y.shape[0]
+                seen += y.shape[0]
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            seconds = time.perf_counter() - t0
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": total_loss / max(seen, 1),
+                "lr": cfg.lr * cosine_lr_factor(max(self.step - 1, 0), total_steps, warmup_steps, cfg.min_lr_ratio),
+                "trainable_params": self.trainable_parameters,
+                "seconds": seconds,
+                "images_per_s": seen / seconds if seconds > 0 else None,
+            }
+            if val_ds is not None:
+                m = self.evaluate(val_ds)
+                record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
+                              per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
+            self.history.append(record)
+            improved = self._is_improvement(record)
+            if improved:
+                self.best = {"metric": record[self._best_key], "epoch": epoch}
+            if cfg.progress:
+                tqdm.write(self._summary(record, improved))
+            self._write_epoch(record, improved)
+        self.epoch = cfg.epochs
+        return self.history
+
+    @property
+    def _best_key(self) -> str:
+        return self.config.best_metric
+
+    def _is_improvement(self, record: dict[str, Any]) -> bool:
+        value = record.get(self._best_key)
+        if value is None:
+            return False
+        best = self.best["metric"]
+        if best is None:
+            return True
+        return value < best if self._best_key in _LOWER_IS_BETTER else value > best
+
+    def _summary(self, r: dict[str, Any], improved: bool) -> str:
+        s = f"epoch {r['epoch'] + 1}/{self.config.epochs}  train_loss {r['train_loss']:.4f}"
+        if "top1" in r:
+            s += f"  val_loss {r['val_loss']:.4f}  top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}"
+        s += f"  trainable {r['trainable_params']:,}  {r['seconds']:.1f}s"
+        return s + ("  *best*" if improved else "")
+
+    def _write_epoch(self, record: dict[str, Any], improved: bool) -> None:
+        if self.output_dir is None:
+            return
+        out = self.output_dir
+        metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
+        self.save(out / "last.safetensors", metrics=metrics)
+        if improved:
+            self.save(out / "best.safetensors", metrics=metrics)
+        save_training_state(out / "last.state.pt", {
+            "epoch": record["epoch"] + 1,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": _rng_state(),
+            "best": self.best,
+            "history": json.dumps(self.history),
+            "weights_digest": _digest(self.model),
+        })
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write_bytes(out / "metrics.jsonl", lines.encode())
+
+    def _resume(self, resume: bool | str | Path) -> int:
+        if resume is True:
+            if self.output_dir is None:
+                raise ValueError("resume=True needs output_dir; pass the path of a .state.pt file instead")
+            state_path = self.output_dir / "last.state.pt"
+        else:
+            state_path = Path(resume)
+        state = load_training_state(state_path)
+        weights_path = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+        weights, _ = load_checkpoint(weights_path)
+        self._load_weights(weights, weights_path)
+        if _digest(self.model) != state["weights_digest"]:
+            raise CheckpointError(f"{weights_path} does not belong to {state_path} (weights digest differs)")
+        next_epoch = int(state["epoch"])
+        # Replay the phase boundaries already passed so the optimizer's groups are the ones the
+        # uninterrupted run had, in the same order; then restore their state.
+        cfg = self.config
+        for b in self.policy.boundaries():
+            if b < next_epoch:
+                self.policy.apply(self.model, b)
+                self.policy.sync_optimizer(self.optimizer, self.model, b, cfg.lr, cfg.weight_decay)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{state_path}: optimizer state does not fit this policy ({e})") from e
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best = state["best"]
+        self.history = json.loads(state["history"])
+        _set_rng_state(state["rng"])
+        return next_epoch
+
+    # -- evaluation and prediction ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data: Any, batch_size: int | None = None) -> ClassificationMetrics:
+        """Top-1, per-class recall, macro-F1, confusion matrix and mean loss on ``data``.
+
+        Args:
+            data: an `ImageFolderDataset` with the model's classes (evaluated with the eval
+                transform), a dataset of ``(tensor (3, H, W), label)``, or a DataLoader.
+            batch_size: default ``config.eval_batch_size``.
+        """
+        dataset = self._dataset(data, self.eval_transform)
+        loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
+        was_training = self.model.training
+        self.model.eval()
+        preds, targets, loss_sum = [], [], 0.0
+        for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+            with self._autocast():
+                logits = self.model(self._to_device(x)).float()
+            y = y.to(self.device)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            preds.append(logits.argmax(1).cpu())
+            targets.append(y.cpu())
+        self.model.train(was_training)
+        if not targets:
+            raise ValueError("evaluation data is empty")
+        t, p = torch.cat(targets), torch.cat(preds)
+        return ClassificationMetrics.from_predictions(t, p, self.classes, loss=loss_sum / len(t))
+
+    def _prepare(self, item: Any) -> torch.Tensor:
+        if isinstance(item, (str, Path)):
+            return self.eval_transform(load_image(item))
+        if isinstance(item, Image.Image):
+            return self.eval_transform(item.convert("RGB"))
+        if isinstance(item, torch.Tensor) and item.ndim == 3:
+            return item
+        raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")
+
+    @torch.no_grad()
+    def predict(self, inputs: Any, batch_size: int | None = None) -> list[Prediction]:
+        """Classify images with the saved data config's eval transform (never augmentation).
+
+        Args:
+            inputs: a path, a PIL image, a tensor, or a list of them. Tensors are taken as model
+                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised.
+            batch_size: images per forward pass; default ``config.eval_batch_size``.
+
+        Returns:
+            One `Prediction` per image, in input order.
+
+        Raises:
+            ValueError: an image file cannot be read (names it).
+            TypeError: an input of an unsupported type.
+        """
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            items: list[Any] = list(inputs)
+        elif isinstance(inputs, (list, tuple)):
+            items = list(inputs)
+        else:
+            items = [inputs]
+        batch_size = batch_size or self.config.eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Prediction] = []
+        for i in range(0, len(items), batch_size):
+            x = torch.stack([self._prepare(it) for it in items[i:i + batch_size]])
+            with self._autocast():
+                probs = self.model(self._to_device(x)).float().softmax(1).cpu()
+            for row in probs:
+                k = int(row.argmax())
+                out.append(Prediction(self.classes[k], k, float(row[k]),
+                                      {c: float(v) for c, v in zip(self.classes, row)}))
+        self.model.train(was_training)
+        return out
+
+    # -- persistence --------------------------------------------------------------------------
+    def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON stored in every checkpoint's header."""
+        from tlkit import __version__
+
+        if self.backbone.weights is not None:
+            source = f"file:{Path(self.backbone.weights).name}"
+        else:
+            source = "hub" if self.backbone.pretrained else "random"
+        return {
+            "tlkit_version": __version__,
+            "backbone": {"name": self.backbone.name, "model_kwargs": self.backbone.model_kwargs, "weights_source": source},
+            "head": self.head.model_dump(mode="json"),
+            "classes": self.classes,
+            "data_config": self.data_config,
+            "freeze_policy": self.policy.model_dump(mode="json"),
+            "train_config": self.config.model_dump(mode="json"),
+            "augment": self.augment.model_dump(mode="json"),
+            "epoch": self.epoch,
+            "metrics": metrics or {},
+        }
+
+    def save(self, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the model and its metadata to a ``.safetensors`` checkpoint, atomically."""
+        return save_checkpoint(path, self.model.state_dict(), self.metadata(metrics))
+
+    def _load_weights(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"shape mismatches {shapes[:3]}"
+            )
+        self.model.load_state_dict(state)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", **config_overrides: Any) -> FineTuner:
+        """Rebuild a ready model from a checkpoint file or a run folder (its best checkpoint).
+
+        Needs no config file, no user code and no network: the backbone is built with
+        ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
+
+        Args:
+            path: a ``.safetensors`` checkpoint, or a run folder.
+            device: where to put the model.
+            config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``).
+
+        Raises:
+            CheckpointError: missing, corrupted, or weights that do not fit the stored backbone.
+        """
+        path = resolve_checkpoint(path)
+        state, meta = load_checkpoint(path)
+        try:
+            backbone = BackboneConfig(name=meta["backbone"]["name"], pretrained=False,
+                                      model_kwargs=meta["backbone"]["model_kwargs"])
+            head = HeadConfig(**meta["head"])
+            classes = list(meta["classes"])
+            train_cfg = TrainConfig(**{**meta["train_config"], "device": device, **config_overrides})
+            policy = FreezePolicy(**meta["freeze_policy"])
+            augment = AugmentConfig(**meta["augment"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: incomplete or invalid metadata ({type(e).__name__}: {e})") from e
+        model = create_backbone(backbone)
+        HeadReplacer.from_config(head).apply(model)
+        tuner = cls(model, classes, policy=policy, config=train_cfg, data_config=meta["data_config"],
+                    augment=augment, backbone=backbone, head=head)
+        tuner._load_weights(state, path)
+        tuner.epoch = int(meta.get("epoch", 0))
+        tuner.model.eval()
+        return tuner
+
+
+def _digest(model: nn.Module) -> str:
+    """A cheap fingerprint of the weights (sum and sum of squares per tensor, 12 digits)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().double()
+        h.update(f"{k}:{v.sum().item():.12e}:{(v * v).sum().item():.12e};".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,37 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from tlkit import FineTuner, HeadReplacer, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "garbage" / "data"
+MOBILENET_FILE = REPO / "examples" / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
+SMALL = {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+         "std": [0.5, 0.5, 0.5], "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def copy_sample(dst: Path, classes=("cardboard", "glass", "metal"), per_class=4, offset=0) -> Path:
+    """Copy a few real shipped photos per class into dst/<class>/ (tests never write to the repo)."""
+    for c in classes:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((SAMPLE / c).iterdir())[offset:offset + per_class]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+@pytest.fixture
+def image_root(tmp_path) -> Path:
+    return copy_sample(tmp_path / "images")
+
+
+def tiny_tuner(classes, output_dir=None, policy=None, model_name="test_resnet", **train) -> FineTuner:
+    torch.manual_seed(0)
+    model = timm.create_model(model_name)
+    HeadReplacer(len(classes)).apply(model)
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "lr": 1e-2, "warmup_epochs": 0,
+                         "precision": "fp32", "device": "cpu", "progress": False, **train})
+    return FineTuner(model, classes, policy=policy, config=cfg, data_config=dict(SMALL), output_dir=output_dir)

@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import copy_sample, tiny_tuner
+from tlkit import CheckpointError, FineTuner, FreezePolicy, ImageFolderDataset
+from tlkit.cli import main as cli_main
+
+CLASSES = ["cardboard", "glass", "metal"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = copy_sample(tmp_path / "train", CLASSES, per_class=4)
+    val = copy_sample(tmp_path / "val", CLASSES, per_class=2, offset=10)
+    return ImageFolderDataset(root), ImageFolderDataset(val)
+
+
+def test_fit_records_every_metric_and_writes_the_run_folder(data, tmp_path):
+    train, val = data
+    tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run")
+    history = tuner.fit(train, val)
+    assert [r["epoch"] for r in history] == [0, 1]
+    r = history[-1]
+    assert set(r) >= {"train_loss", "val_loss", "top1", "macro_f1", "per_class_recall", "confusion_matrix"}
+    assert sum(map(sum, r["confusion_matrix"])) == len(val) == 6
+    assert set(r["per_class_recall"]) == set(CLASSES)
+    run = tmp_path / "run"
+    for f in ("best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"):
+        assert (run / f).is_file(), f
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+    assert not list(run.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_checkpoint_metadata_and_load_rebuild_the_same_model(data, tmp_path):
+    train, val = data
+    tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run", policy=FreezePolicy.freeze_to(-2))
+    tuner.fit(train, val)
+    with safe_open(str(tmp_path / "run" / "last.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["tlkit"])
+    assert meta["classes"] == CLASSES
+    assert meta["backbone"]["name"] == "test_resnet"
+    assert meta["data_config"]["input_size"] == [3, 64, 64]
+    assert meta["freeze_policy"]["depth"] == -2
+    assert meta["tlkit_version"]
+    loaded = FineTuner.load(tmp_path / "run" / "last.safetensors", progress=False)
+    x = torch.randn(2, 3, 64, 64)
+    tuner.model.eval()
+    torch.testing.assert_close(loaded.model(x), tuner.model(x), rtol=0, atol=0)
+    assert loaded.classes == CLASSES and loaded.data_config == tuner.data_config
+
+
+def test_predict_uses_the_eval_transform(data, tmp_path):
+    train, val = data
+    tuner = tiny_tuner(CLASSES)
+    tuner.fit(train)
+    path = val.samples[0][0]
+    p1, p2 = tuner.predict([path, path])
+    assert p1 == p2  # no random augmentation
+    from tlkit import load_image
+
+    x = tuner.eval_transform(load_image(path))[None]
+    with torch.no_grad():
+        expected = tuner.model.eval()(x).softmax(1)[0]
+    assert p1.probabilities == pytest.approx({c: float(v) for c, v in zip(CLASSES, expected)}, abs=1e-6)
+    assert sum(p1.probabilities.values()) == pytest.approx(1.0)
+    assert p1.label == CLASSES[int(expected.argmax())]
+    # tensors are taken as model input, one (B, 3, H, W) batch or a (3, H, W) image
+    assert tuner.predict(x)[0].probabilities == pytest.approx(p1.probabilities, abs=1e-6)
+
+
+def test_best_checkpoint_follows_the_chosen_metric(data, tmp_path):
+    train, val = data
+    tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run", epochs=3, best_metric="val_loss")
+    history = tuner.fit(train, val)
+    best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["tlkit"])["metrics"]["epoch"] == best_epoch
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_after", [0, 1], ids=["before-boundary", "after-boundary"])
+def test_resume_across_an_unfreeze_boundary_is_bit_identical(data, tmp_path, monkeypatch, crash_after):
+    train, val = data
+    policy = FreezePolicy.linear_probe().then(1, depth=-3, layer_decay=0.5)
+    full = tiny_tuner(CLASSES, output_dir=tmp_path / "full", policy=policy, epochs=3)
+    full.fit(train, val)
+
+    # The same run dies right after writing the checkpoint of epoch `crash_after`.
+    write = FineTuner._write_epoch
+
+    def write_then_crash(self, record, improved):
+        write(self, record, improved)
+        if record["epoch"] == crash_after:
+            raise Crash
+
+    monkeypatch.setattr(FineTuner, "_write_epoch", write_then_crash)
+    with pytest.raises(Crash):
+        tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3).fit(train, val)
+    monkeypatch.undo()
+
+    resumed = tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3)
+    resumed.fit(train, val, resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [g["param_names"] for g in full.optimizer.param_groups] == [
+        g["param_names"] for g in resumed.optimizer.param_groups]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert (tmp_path / "part" / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_policy_without_trainable_parameters_fails_before_training(data, tmp_path):
+    train, _ = data
+    tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run", policy=FreezePolicy(depth=-1, freeze=["fc.*"]))
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        tuner.fit(train)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dataset_with_other_classes_is_rejected(data):
+    train, _ = data
+    with pytest.raises(ValueError, match="differ"):
+        tiny_tuner(["a", "b", "c"]).fit(train)
+
+
+def test_nan_loss_names_epoch_and_step(tmp_path):
+    x = torch.randn(8, 3, 64, 64)
+    x[5] = float("nan")  # the second batch of 4 holds a NaN image
+    data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 0 step \d"):
+        tuner.fit(data)
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(data, tmp_path):
+    train, _ = data
+    tuner = tiny_tuner(CLASSES)
+    tuner.fit(train)
+    path = tuner.save(tmp_path / "m.safetensors")
+    blob = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        FineTuner.load(tmp_path / "cut.safetensors")
+
+
+def test_cli_evaluate_matches_classes_by_name(tmp_path, capsys):
+    # Checkpoint classes in a non-alphabetical order; folders on disk are matched by name.
+    classes = ["metal", "cardboard", "glass"]
+    train = ImageFolderDataset(copy_sample(tmp_path / "train", CLASSES, 4), classes=classes)
+    tuner = tiny_tuner(classes, output_dir=tmp_path / "run", epochs=1)
+    tuner.fit(train, train)
+    evald = copy_sample(tmp_path / "eval", ["glass", "metal"], per_class=3, offset=12)
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(evald)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"n", "top1", "macro_f1", "per_class_recall", "confusion_matrix", "classes"}
+    assert out["classes"] == classes and out["n"] == 6
+    assert [sum(row) for row in out["confusion_matrix"]] == [3, 0, 3]  # metal, cardboard, glass
+    expected = tuner.evaluate(ImageFolderDataset(evald, classes=classes, allow_missing_classes=True))
+    assert out["top1"] == pytest.approx(expected.top1)
+    (evald / "pizza").mkdir()
+    (evald / "pizza" / "x.jpg").write_bytes((evald / "glass").iterdir().__next__().read_bytes())
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(evald)]) == 2
+    assert "pizza" in capsys.readouterr().err
