@@ -14,7 +14,7 @@ def _linear_probe(cfg: RunConfig) -> RunConfig:
     # The classic recipe (frozen ImageNet features under a new Dense layer, 15 epochs of Adam).
     return cfg.model_copy(update={
         "freeze": FreezePolicy.linear_probe(),
-        "train": cfg.train.model_copy(update={"epochs": 15, "lr": 3e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
+        "train": cfg.train.model_copy(update={"epochs": 15, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
                                               "label_smoothing": 0.1}),
     })
 
@@ -53,7 +53,7 @@ def apply_recipe(config: RunConfig, name: str) -> RunConfig:
     """Return a copy of ``config`` with the named recipe's freeze policy and loop settings.
 
     Recipes:
-        ``linear-probe``: backbone frozen, new head, 15 epochs, AdamW lr 3e-3.
+        ``linear-probe``: backbone frozen, new head, 15 epochs, AdamW lr 1e-3.
         ``finetune``: 2 epochs head warm-up, then the last 3 stages unfrozen with layer-wise LR
         decay 0.5, BatchNorm frozen, 12 epochs, AdamW lr 2e-3.
         ``scratch``: random init, everything trains, 12 epochs.
