@@ -44,3 +44,25 @@ def test_linear_probe_on_ten_photos_per_class_beats_chance_by_far(tmp_path):
     # The frozen backbone, BatchNorm statistics included, did not move.
     after = tuner.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_flagship_example_runs_end_to_end(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("garbage_train", REPO / "examples" / "garbage" / "train.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["--epochs", "3", "--output", str(tmp_path / "run"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[-2]) == summary
+    assert summary["val_images"] == 36 and summary["top1"] > 1 / 6
+    assert "prediction for" in out.splitlines()[-1]
+    # The run folder is what `python -m tlkit evaluate --checkpoint DIR` reads.
+    from tlkit.cli import main as cli_main
+
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(SAMPLE)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 180 and metrics["classes"] == sorted(metrics["per_class_recall"])

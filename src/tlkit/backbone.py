@@ -50,7 +50,8 @@ def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Mod
         raise RuntimeError(
             f"could not download pretrained weights for {config.name!r} from the Hugging Face hub "
             f"({type(e).__name__}: {e}). Offline, pass a local file with "
-            "BackboneConfig(weights=PATH), or pretrained=False for random initialisation."
+            "BackboneConfig(weights=PATH), or pretrained=False for random initialisation; "
+            "set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
         ) from e
     if config.pretrained and config.weights is not None:
         load_weights(model, config.weights, key_mapping=config.key_mapping)

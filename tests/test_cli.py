@@ -1,0 +1,49 @@
+import json
+
+from conftest import copy_sample
+from tlkit import RunConfig
+from tlkit.cli import main
+
+
+def test_train_from_yaml_with_recipe_and_overrides(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=5)
+    cfg = RunConfig.model_validate({
+        "backbone": {"name": "test_resnet", "pretrained": False,
+                     "data_config": {"input_size": [3, 64, 64]}},
+        "data": {"root": str(root), "val_fraction": 0.4},
+        "train": {"device": "cpu", "progress": False, "batch_size": 4},
+        "output_dir": str(tmp_path / "run"),
+    })
+    cfg.to_file(tmp_path / "run.yaml")
+    code = main(["train", "--config", str(tmp_path / "run.yaml"), "--recipe", "finetune",
+                 "--set", "train.epochs=3", "--set", "train.warmup_epochs=0"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["n"] == 6 and out["classes"] == ["cardboard", "glass", "metal"]
+    saved = RunConfig.from_file(tmp_path / "run" / "config.yaml")
+    assert saved.train.epochs == 3  # --set wins over the recipe's 12
+    assert saved.freeze.phases[0].epoch == 2 and saved.freeze.batchnorm == "frozen"  # the recipe
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    params = [json.loads(x)["trainable_params"] for x in lines]
+    assert params[0] == params[1] < params[2]  # the unfreeze at epoch 2 happened
+
+
+def test_bad_config_value_exits_2_naming_the_field(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("train:\n  lr: -1\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_predict_prints_one_json_line_per_image(tmp_path, capsys):
+    from conftest import tiny_tuner
+
+    root = copy_sample(tmp_path / "data", per_class=2)
+    tuner = tiny_tuner(["cardboard", "glass", "metal"], output_dir=tmp_path / "run", epochs=1)
+    from tlkit import ImageFolderDataset
+
+    tuner.fit(ImageFolderDataset(root))
+    images = sorted(str(p) for p in root.rglob("*.jpg"))[:3]
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), *images]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["path"] for x in lines] == images
+    assert all(abs(sum(x["probabilities"].values()) - 1) < 1e-5 for x in lines)
