@@ -17,6 +17,7 @@ from tlkit.config import (
     TrainConfig,
 )
 from tlkit.data import ImageFolderDataset, create_transforms, load_datasets, load_image, stratified_split
+from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
 from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
 from tlkit.head import HeadReplacer, TaskHead
@@ -31,6 +32,7 @@ __all__ = [
     "ClassificationMetrics",
     "DataConfigOverrides",
     "DatasetConfig",
+    "FeatureCache",
     "FineTuner",
     "FreezePolicy",
     "HeadConfig",
@@ -47,6 +49,7 @@ __all__ = [
     "cosine_lr_factor",
     "create_backbone",
     "create_transforms",
+    "extract_features",
     "load_checkpoint",
     "load_datasets",
     "load_image",

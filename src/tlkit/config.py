@@ -168,6 +168,15 @@ class TrainConfig(StrictModel):
     channels_last: bool | None = Field(None, description="None: on for convolutional models.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     progress: bool = True
+    feature_cache: bool = Field(
+        False,
+        description="In epochs where only the classifier trains, compute the frozen backbone's "
+        "pooled features once and train the classifier from them.",
+    )
+    feature_views: int = Field(
+        0, ge=0, description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K)."
+    )
+    feature_cache_dir: Path | None = Field(None, description="Also keep cached features on disk here.")
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:

@@ -30,8 +30,9 @@ from tlkit.checkpoint import (
 )
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
 from tlkit.data import ImageFolderDataset, create_transforms, load_image
+from tlkit.features import FeatureCache, classifier_is_last_step, extract_features, seeded, weights_digest
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
-from tlkit.head import HeadReplacer, TaskHead, classifier_module_names
+from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
 from tlkit.metrics import ClassificationMetrics
 
 __all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
@@ -188,6 +189,7 @@ class FineTuner:
         self.epoch = 0
         self.best: dict[str, Any] = {"metric": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
+        self.feature_cache = FeatureCache(self.config.feature_cache_dir)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -283,7 +285,8 @@ class FineTuner:
         Returns:
             One dict per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``top1``,
             ``macro_f1``, ``per_class_recall``, ``confusion_matrix``, ``lr``,
-            ``trainable_params``, ``seconds``, ``images_per_s``.
+            ``trainable_params``, ``seconds``, ``images_per_s``, ``cached_features`` (whether
+            the epoch trained from cached features; see ``TrainConfig.feature_cache``).
 
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
@@ -304,6 +307,13 @@ class FineTuner:
         for e in [0, *self.policy.boundaries()]:
             self.policy.trainable_names(self.model, e)
 
+        use_cache = (
+            cfg.feature_cache and isinstance(train, ImageFolderDataset)
+            and classifier_is_last_step(self.model, self._to_device(
+                torch.stack([self.eval_transform(load_image(train.samples[0][0]))])))
+        )
+        head_names = set(classifier_param_names(self.model))
+
         start_epoch = 0
         self.policy.apply(self.model, 0)
         self._build_optimizer(0)
@@ -313,12 +323,20 @@ class FineTuner:
 
         for epoch in range(start_epoch, cfg.epochs):
             self.epoch = epoch
-            self.policy.apply(self.model, epoch)
+            trainable = self.policy.apply(self.model, epoch)
             if epoch in self.policy.boundaries():
                 self.policy.sync_optimizer(self.optimizer, self.model, epoch, cfg.lr, cfg.weight_decay)
             self.model.train()
-            loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # includes feature extraction on a cache miss
+            cached = use_cache and trainable <= head_names
+            if cached:
+                view = epoch % cfg.feature_views if cfg.feature_views else None
+                forward = self.model.get_classifier()
+                loader = self._loader(torch.utils.data.TensorDataset(*self.cached_features(train, view)),
+                                      cfg.batch_size, shuffle=True, epoch=epoch)
+            else:
+                forward = self.model
+                loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
             for x, y in bar:
@@ -327,7 +345,7 @@ class FineTuner:
                     g["lr"] = cfg.lr * g["lr_scale"] * factor
                 x, y = self._to_device(x), y.to(self.device)
                 with self._autocast():
-                    logits = self.model(x)
+                    logits = forward(x)
                 loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -359,9 +377,15 @@ class FineTuner:
                 "trainable_params": self.trainable_parameters,
                 "seconds": seconds,
                 "images_per_s": seen / seconds if seconds > 0 else None,
+                "cached_features": cached,
             }
             if val_ds is not None:
-                m = self.evaluate(val_ds)
+                if cached and isinstance(val, ImageFolderDataset):
+                    m = self._evaluate_loader(self._loader(torch.utils.data.TensorDataset(
+                        *self.cached_features(val, None)), cfg.eval_batch_size, shuffle=False),
+                        self.model.get_classifier())
+                else:
+                    m = self.evaluate(val_ds)
                 record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
                               per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
             self.history.append(record)
@@ -460,12 +484,16 @@ class FineTuner:
         """
         dataset = self._dataset(data, self.eval_transform)
         loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
+        return self._evaluate_loader(loader, self.model)
+
+    @torch.no_grad()
+    def _evaluate_loader(self, loader, forward: nn.Module) -> ClassificationMetrics:
         was_training = self.model.training
         self.model.eval()
         preds, targets, loss_sum = [], [], 0.0
         for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
             with self._autocast():
-                logits = self.model(self._to_device(x)).float()
+                logits = forward(self._to_device(x)).float()
             y = y.to(self.device)
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             preds.append(logits.argmax(1).cpu())
@@ -475,6 +503,36 @@ class FineTuner:
             raise ValueError("evaluation data is empty")
         t, p = torch.cat(targets), torch.cat(preds)
         return ClassificationMetrics.from_predictions(t, p, self.classes, loss=loss_sum / len(t))
+
+    def cached_features(self, data: ImageFolderDataset, view: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled pre-logit features of ``data`` from the feature cache, computed on a miss.
+
+        Args:
+            data: the images (their paths, sizes and modification times are part of the key).
+            view: ``None`` for the eval transform, else the index of a seeded augmented view made
+                with the training transform.
+
+        Returns:
+            ``(features, labels)``: float32 ``(N, num_features)`` and int64 ``(N,)``, CPU.
+        """
+        if view is None:
+            transform, desc, ctx = self.eval_transform, f"eval|{self.eval_transform!r}", None
+        else:
+            seed = self.config.seed * 1_000_003 + view
+            transform, desc, ctx = self.train_transform, f"train|{self.train_transform!r}|view={view}|seed={seed}", seeded(seed)
+        head = tuple(f"{n}." for n in classifier_module_names(self.model))
+        key = FeatureCache.key(
+            {"name": self.backbone.name, "model_kwargs": self.backbone.model_kwargs},
+            weights_digest(self.model, exclude=head), self.data_config, desc, data.samples,
+        )
+
+        def compute():
+            loader = self._loader(data.with_transform(transform), self.config.eval_batch_size, shuffle=False)
+            bar = (lambda it: tqdm(it, desc="features", leave=False)) if self.config.progress else None
+            with ctx() if ctx else contextlib.nullcontext():
+                return extract_features(self.model, loader, self._to_device, self._autocast, bar)
+
+        return self.feature_cache.get_or_compute(key, compute)
 
     def _prepare(self, item: Any) -> torch.Tensor:
         if isinstance(item, (str, Path)):

@@ -1,0 +1,250 @@
+"""Plain PyTorch loops against tlkit, in one process, on MobileNetV2 and real TrashNet photos.
+
+    python bench/bench_transfer.py                       # full ../shared/data/trashnet
+    python bench/bench_transfer.py --limit 500 --epochs 5
+
+Prints a table of times, images/s, accuracies and ratios (tlkit over plain), and writes it as
+JSON with --json. Nothing here is asserted: numbers depend on the machine.
+
+"Plain" means what a careful user writes by hand with timm: float32, NCHW, the backbone
+recomputed every epoch with ``requires_grad=False`` and in eval mode for a linear probe; for the
+partial fine-tune, the optimizer gets only the last stages but nothing is marked frozen (the
+usual hand-rolled version), so autograd keeps the activations of every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from tlkit import (  # noqa: E402
+    BackboneConfig,
+    DataConfigOverrides,
+    FineTuner,
+    FreezePolicy,
+    HeadReplacer,
+    ImageFolderDataset,
+    TrainConfig,
+    create_backbone,
+    stratified_split,
+)
+
+WEIGHTS = REPO / "examples" / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
+BACKBONE = BackboneConfig(
+    name="mobilenetv2_100", weights=WEIGHTS, model_kwargs={"pad_type": "same"},
+    data_config=DataConfigOverrides(mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875),
+)
+
+
+def subset(ds: ImageFolderDataset, n: int | None, seed: int = 0) -> ImageFolderDataset:
+    if n is None or n >= len(ds):
+        return ds
+    return stratified_split(ds, 1 - n / len(ds), seed)[0]
+
+
+def model_and_tuner(classes, policy, epochs, fast: bool, **train):
+    torch.manual_seed(0)
+    model = HeadReplacer(len(classes)).apply(create_backbone(BACKBONE))
+    cfg = TrainConfig(epochs=epochs, batch_size=32, eval_batch_size=64, lr=1e-3, warmup_epochs=0,
+                      progress=False, precision="auto" if fast else "fp32", channels_last=fast, **train)
+    return FineTuner(model, classes, policy=policy, config=cfg)
+
+
+# -- plain loops --------------------------------------------------------------------------------
+def plain_fit(model: nn.Module, params, train, val, epochs: int, transform, eval_transform, frozen_eval: bool):
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    loader = torch.utils.data.DataLoader(train.with_transform(transform), batch_size=32, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0), drop_last=True)
+    steps = epochs * len(loader)
+    seen, t0, step = 0, time.perf_counter(), 0
+    for _ in range(epochs):
+        model.train()
+        if frozen_eval:
+            model.eval()
+            model.get_classifier().train()
+        for x, y in loader:
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            step += 1
+    seconds = time.perf_counter() - t0
+    return seconds, seen / seconds, plain_top1(model, val, eval_transform)
+
+
+@torch.no_grad()
+def plain_top1(model, data, transform) -> float:
+    model.eval()
+    loader = torch.utils.data.DataLoader(data.with_transform(transform), batch_size=64)
+    right = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return right / len(data)
+
+
+@torch.no_grad()
+def plain_forward_pass(model, data, transform) -> float:
+    model.eval()
+    t0 = time.perf_counter()
+    for x, _ in torch.utils.data.DataLoader(data.with_transform(transform), batch_size=64):
+        model(x)
+    return time.perf_counter() - t0
+
+
+# -- peak memory, each in a fresh process -------------------------------------------------------
+def _memory_child(mode: str, batch: int) -> None:
+    torch.manual_seed(0)
+    model = HeadReplacer(6).apply(create_backbone(BACKBONE))
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 6, (batch,))
+    if mode == "tlkit":
+        policy = FreezePolicy.freeze_to(-3, batchnorm="frozen")  # last two stages + head
+        policy.apply(model)
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        from tlkit.freeze import parameter_groups
+
+        last = {n for g in parameter_groups(model)[-3:] for n in g.param_names}
+        params = [p for n, p in model.named_parameters() if n in last]
+        ctx = torch.autocast("cpu", enabled=False)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        with ctx:
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_delta_bytes": (peak - base) * 1024}))
+
+
+def peak_memory(mode: str, batch: int = 32) -> int:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--batch", str(batch)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_bytes"]
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "trashnet")
+    p.add_argument("--limit", type=int, help="use a stratified subset of this many images")
+    p.add_argument("--epochs", type=int, default=15, help="linear-probe epochs (fine-tune uses --ft-epochs)")
+    p.add_argument("--ft-epochs", type=int, default=2)
+    p.add_argument("--scaling", type=int, nargs="*", default=[250, 500, 1000, 2000])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--memory-child")
+    p.add_argument("--batch", type=int, default=32)
+    a = p.parse_args()
+    if a.memory_child:
+        return _memory_child(a.memory_child, a.batch)
+
+    full = ImageFolderDataset(a.data)
+    data = subset(full, a.limit)
+    train, val = stratified_split(data, 0.2, 0)
+    classes = data.classes
+    rows: dict[str, dict] = {}
+    print(f"{len(train)} train / {len(val)} val images; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+
+    # 1. linear probe
+    probe = model_and_tuner(classes, FreezePolicy.linear_probe(), a.epochs, fast=True, feature_cache=True)
+    t0 = time.perf_counter()
+    probe.fit(train, val)
+    tl_time = time.perf_counter() - t0
+    tl_top1 = probe.evaluate(val).top1
+    plain_model = model_and_tuner(classes, FreezePolicy.linear_probe(), 1, fast=False).model
+    for n, prm in plain_model.named_parameters():
+        prm.requires_grad_(n.startswith("classifier"))
+    floor = plain_forward_pass(plain_model, train, probe.eval_transform)
+    pl_time, _, pl_top1 = plain_fit(plain_model, plain_model.get_classifier().parameters(), train, val, a.epochs,
+                                    probe.train_transform, probe.eval_transform, frozen_eval=True)
+    rows["linear probe"] = {"plain_s": pl_time, "tlkit_s": tl_time, "speedup": pl_time / tl_time,
+                            "floor_s": floor, "tlkit_over_floor": tl_time / floor,
+                            "plain_top1": pl_top1, "tlkit_top1": tl_top1}
+    print(json.dumps(rows["linear probe"]), flush=True)
+
+    # 2. full fine-tune
+    ft = model_and_tuner(classes, FreezePolicy.full_finetune(), a.ft_epochs, fast=True)
+    hist = ft.fit(train, val)
+    tl_ips = sum(h["images_per_s"] * h["seconds"] for h in hist) / sum(h["seconds"] for h in hist)
+    plain_model = model_and_tuner(classes, FreezePolicy.full_finetune(), 1, fast=False).model
+    _, pl_ips, pl_top1 = plain_fit(plain_model, plain_model.parameters(), train, val, a.ft_epochs,
+                                   ft.train_transform, ft.eval_transform, frozen_eval=False)
+    rows["full fine-tune"] = {"plain_img_s": pl_ips, "tlkit_img_s": tl_ips, "speedup": tl_ips / pl_ips,
+                              "plain_top1": pl_top1, "tlkit_top1": hist[-1]["top1"]}
+    print(json.dumps(rows["full fine-tune"]), flush=True)
+
+    # 3. partial fine-tune peak memory
+    pm, tm = peak_memory("plain"), peak_memory("tlkit")
+    rows["partial fine-tune memory"] = {"plain_bytes": pm, "tlkit_bytes": tm, "ratio": tm / pm}
+    print(json.dumps(rows["partial fine-tune memory"]), flush=True)
+
+    # 4. predict
+    paths = [p for p, _ in val.samples]
+    t0 = time.perf_counter()
+    ft.predict(paths, batch_size=64)
+    tl_pred = len(paths) / (time.perf_counter() - t0)
+    pl_model = plain_model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(val.with_transform(ft.eval_transform), batch_size=64):
+            pl_model(x).softmax(1)
+    pl_pred = len(paths) / (time.perf_counter() - t0)
+    rows["predict"] = {"plain_img_s": pl_pred, "tlkit_img_s": tl_pred, "speedup": tl_pred / pl_pred}
+    print(json.dumps(rows["predict"]), flush=True)
+
+    # 5. scaling (tlkit only, one epoch of fine-tune, the linear probe with its cache)
+    for n in a.scaling:
+        if n > len(full):
+            continue
+        tr = stratified_split(subset(full, n), 0.2, 0)[0]
+        lp = model_and_tuner(classes, FreezePolicy.linear_probe(), a.epochs, fast=True, feature_cache=True)
+        t0 = time.perf_counter()
+        lp.fit(tr)
+        lp_s = time.perf_counter() - t0
+        f1 = model_and_tuner(classes, FreezePolicy.full_finetune(), 1, fast=True)
+        t0 = time.perf_counter()
+        f1.fit(tr)
+        rows[f"scaling {n}"] = {"train_images": len(tr), "linear_probe_s": lp_s,
+                                "finetune_epoch_s": time.perf_counter() - t0}
+        print(json.dumps(rows[f"scaling {n}"]), flush=True)
+
+    print("\n| benchmark | plain | tlkit | ratio |\n|---|---|---|---|")
+    r = rows["linear probe"]
+    print(f"| linear probe, {a.epochs} epochs (s) | {r['plain_s']:.1f} | {r['tlkit_s']:.1f} | {r['speedup']:.1f}x faster |")
+    print(f"| linear probe vs one plain forward pass (s) | {r['floor_s']:.1f} | {r['tlkit_s']:.1f} | {r['tlkit_over_floor']:.2f}x the floor |")
+    print(f"| linear probe val top-1 | {r['plain_top1']:.3f} | {r['tlkit_top1']:.3f} | |")
+    r = rows["full fine-tune"]
+    print(f"| full fine-tune (img/s) | {r['plain_img_s']:.1f} | {r['tlkit_img_s']:.1f} | {r['speedup']:.1f}x |")
+    print(f"| full fine-tune val top-1 after {a.ft_epochs} epochs | {r['plain_top1']:.3f} | {r['tlkit_top1']:.3f} | |")
+    r = rows["partial fine-tune memory"]
+    print(f"| partial fine-tune peak memory (MB) | {r['plain_bytes'] / 2**20:.0f} | {r['tlkit_bytes'] / 2**20:.0f} | {r['ratio']:.2f}x |")
+    r = rows["predict"]
+    print(f"| predict (img/s) | {r['plain_img_s']:.1f} | {r['tlkit_img_s']:.1f} | {r['speedup']:.1f}x |")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
