@@ -20,10 +20,10 @@ def _linear_probe(cfg: RunConfig) -> RunConfig:
 
 
 def _finetune(cfg: RunConfig) -> RunConfig:
-    # Head warm-up for 2 epochs (a linear probe), then the last three stages below the head
+    # Head warm-up for 2 epochs (a linear probe), then the last four stages below the head
     # unfreeze with layer-wise decayed LRs; BatchNorm stays frozen (small batches, and weights
     # with folded BN such as the offline MobileNetV2 file need it).
-    policy = FreezePolicy.linear_probe(batchnorm="frozen").then(2, depth=-4, layer_decay=0.5)
+    policy = FreezePolicy.linear_probe(batchnorm="frozen").then(2, depth=-5, layer_decay=0.6)
     return cfg.model_copy(update={
         "freeze": policy,
         "train": cfg.train.model_copy(update={"epochs": 12, "lr": 2e-3, "weight_decay": 0.01, "warmup_epochs": 1.0,
@@ -54,8 +54,8 @@ def apply_recipe(config: RunConfig, name: str) -> RunConfig:
 
     Recipes:
         ``linear-probe``: backbone frozen, new head, 15 epochs, AdamW lr 1e-3.
-        ``finetune``: 2 epochs head warm-up, then the last 3 stages unfrozen with layer-wise LR
-        decay 0.5, BatchNorm frozen, 12 epochs, AdamW lr 2e-3.
+        ``finetune``: 2 epochs head warm-up, then the last 4 stages unfrozen with layer-wise LR
+        decay 0.6, BatchNorm frozen, 12 epochs, AdamW lr 2e-3.
         ``scratch``: random init, everything trains, 12 epochs.
 
     Raises:
