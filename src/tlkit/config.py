@@ -167,6 +167,9 @@ class TrainConfig(StrictModel):
     )
     channels_last: bool | None = Field(None, description="None: on for convolutional models.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    flush_denormal: bool = Field(
+        True, description="On CPU, flush subnormal floats to zero during fit/evaluate/predict (restored after)."
+    )
     progress: bool = True
     feature_cache: bool = Field(
         False,
