@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tlkit._strict import StrictModel
 from tlkit.freeze import FreezePolicy
 
 __all__ = [
@@ -26,12 +27,6 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
 ]
-
-
-class StrictModel(BaseModel):
-    """Base for tlkit configs: unknown keys are an error, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class DataConfigOverrides(StrictModel):
