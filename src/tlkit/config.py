@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tlkit._strict import StrictModel
 from tlkit.freeze import FreezePolicy
 
 __all__ = [
@@ -26,12 +27,6 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
 ]
-
-
-class StrictModel(BaseModel):
-    """Base for tlkit configs: unknown keys are an error, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class DataConfigOverrides(StrictModel):
@@ -167,6 +162,9 @@ class TrainConfig(StrictModel):
     )
     channels_last: bool | None = Field(None, description="None: on for convolutional models.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    flush_denormal: bool = Field(
+        True, description="On CPU, flush subnormal floats to zero during fit/evaluate/predict (restored after)."
+    )
     progress: bool = True
     feature_cache: bool = Field(
         False,

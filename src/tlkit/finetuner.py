@@ -35,7 +35,7 @@ from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
 from tlkit.metrics import ClassificationMetrics
 
-__all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
+__all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
 _LOWER_IS_BETTER = {"val_loss"}
 
@@ -88,6 +88,30 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         except (AttributeError, RuntimeError):
             return None
     return None
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU currently flushes subnormal floats to zero (torch has no getter)."""
+    return bool((torch.full((1,), 1e-39) * 2).item() == 0.0)
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool = True):
+    """Flush subnormal floats to zero inside the block, then restore the previous setting.
+
+    Subnormal (denormal) floats, common in fine-tuned weights, moments and activations, take a
+    slow path on x86 CPUs; flushing them (``torch.set_flush_denormal``) changes values below
+    1.2e-38 only.
+    """
+    if not enabled:
+        yield
+        return
+    before = denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _infer_head_config(model: nn.Module, num_classes: int) -> HeadConfig:
@@ -259,6 +283,9 @@ class FineTuner:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     # -- training -----------------------------------------------------------------------------
+    def _cpu_flags(self):
+        return flush_denormal(self.config.flush_denormal and self.device.type == "cpu")
+
     def fit(
         self,
         train: Any,
@@ -293,6 +320,10 @@ class FineTuner:
             FloatingPointError: the loss became NaN or infinite (names epoch and step).
             CheckpointError: the resume state is missing or corrupted.
         """
+        with self._cpu_flags():
+            return self._fit(train, val, resume)
+
+    def _fit(self, train: Any, val: Any, resume: bool | str | Path) -> list[dict[str, Any]]:
         cfg = self.config
         train_ds = self._dataset(train, self.train_transform)
         val_ds = self._dataset(val, self.eval_transform) if val is not None else None
@@ -484,7 +515,8 @@ class FineTuner:
         """
         dataset = self._dataset(data, self.eval_transform)
         loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
-        return self._evaluate_loader(loader, self.model)
+        with self._cpu_flags():
+            return self._evaluate_loader(loader, self.model)
 
     @torch.no_grad()
     def _evaluate_loader(self, loader, forward: nn.Module) -> ClassificationMetrics:
@@ -566,6 +598,10 @@ class FineTuner:
         else:
             items = [inputs]
         batch_size = batch_size or self.config.eval_batch_size
+        with self._cpu_flags():
+            return self._predict(items, batch_size)
+
+    def _predict(self, items: list[Any], batch_size: int) -> list[Prediction]:
         was_training = self.model.training
         self.model.eval()
         out: list[Prediction] = []

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
+
+from tlkit._strict import StrictModel
 
 __all__ = [
     "Phase",
@@ -46,11 +48,7 @@ BatchNormPolicy = Literal["follow", "frozen", "trainable"]
 """
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class Phase(_Strict):
+class Phase(StrictModel):
     """A change of the policy at the start of ``epoch``; fields left ``None`` keep their value.
 
     Example: ``Phase(epoch=2, depth=-4, layer_decay=0.6)`` unfreezes the last three groups
@@ -176,7 +174,7 @@ def _match(patterns: list[str], names: list[str], what: str) -> set[str]:
     return out
 
 
-class FreezePolicy(_Strict):
+class FreezePolicy(StrictModel):
     """Which parameters train at each epoch, how BatchNorm behaves, and the LR of each group.
 
     ``depth`` counts parameter groups (stages, see `parameter_groups`) frozen from the
