@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from tlkit.checkpoint import (
     save_training_state,
 )
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
-from tlkit.data import ImageFolderDataset, create_transforms, load_image
+from tlkit.data import ImageFolderDataset, create_transforms, skip_none_collate
 from tlkit.features import FeatureCache, classifier_is_last_step, extract_features, seeded, weights_digest
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
+from tlkit.images import load_image
 from tlkit.metrics import ClassificationMetrics
 
 __all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
@@ -243,6 +245,7 @@ class FineTuner:
             drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
+            collate_fn=skip_none_collate,  # a file that fails to load costs a sample, not the epoch
         )
 
     def _build_optimizer(self, epoch: int) -> None:
@@ -275,6 +278,10 @@ class FineTuner:
         ``last.state.pt`` (resume state), ``best.safetensors`` when ``config.best_metric``
         improves, and ``metrics.jsonl``.
 
+        Before anything else, every `ImageFolderDataset` not scanned yet is scanned
+        (`ImageFolderDataset.scan`): with ``bad_images="skip"`` unusable files are dropped and
+        the report is printed to stderr, with ``"error"`` the scan raises before training.
+
         Args:
             train: an `ImageFolderDataset` (the training transform is applied), or a
                 dataset yielding ``(float32 tensor (3, H, W), int label)``.
@@ -290,10 +297,16 @@ class FineTuner:
 
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
+            BadImageError: a dataset with ``bad_images="error"`` holds unusable files (lists them).
             FloatingPointError: the loss became NaN or infinite (names epoch and step).
             CheckpointError: the resume state is missing or corrupted.
         """
         cfg = self.config
+        for data in (train, val):
+            if isinstance(data, ImageFolderDataset) and data.scan_report is None:
+                report = data.scan()
+                if report.bad or report.ignored:
+                    tqdm.write(report.summary(), file=sys.stderr)
         train_ds = self._dataset(train, self.train_transform)
         val_ds = self._dataset(val, self.eval_transform) if val is not None else None
         n_train = len(train_ds.dataset) if isinstance(train_ds, torch.utils.data.DataLoader) else len(train_ds)
@@ -339,7 +352,10 @@ class FineTuner:
                 loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-            for x, y in bar:
+            for batch in bar:
+                if batch is None:  # every file of the batch failed to load (bad_images="skip")
+                    continue
+                x, y = batch
                 factor = cosine_lr_factor(self.step, total_steps, warmup_steps, cfg.min_lr_ratio)
                 for g in self.optimizer.param_groups:
                     g["lr"] = cfg.lr * g["lr_scale"] * factor
@@ -491,7 +507,10 @@ class FineTuner:
         was_training = self.model.training
         self.model.eval()
         preds, targets, loss_sum = [], [], 0.0
-        for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+            if batch is None:
+                continue
+            x, y = batch
             with self._autocast():
                 logits = forward(self._to_device(x)).float()
             y = y.to(self.device)
