@@ -167,3 +167,117 @@ def test_cli_evaluate_matches_classes_by_name(tmp_path, capsys):
     (evald / "pizza" / "x.jpg").write_bytes((evald / "glass").iterdir().__next__().read_bytes())
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(evald)]) == 2
     assert "pizza" in capsys.readouterr().err
+
+
+def test_resume_in_a_run_folder_without_files_starts_at_epoch_0(data, tmp_path):
+    # A run killed before its first epoch ended left nothing to resume from.
+    train, val = data
+    plain = tiny_tuner(CLASSES).fit(train, val)
+    resumed = tiny_tuner(CLASSES, output_dir=tmp_path / "run").fit(train, val, resume=True)
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in plain]
+    with pytest.raises(CheckpointError, match="elsewhere.state.pt"):
+        tiny_tuner(CLASSES).fit(train, val, resume=tmp_path / "elsewhere.state.pt")
+
+
+def _crash_after_epoch(monkeypatch, epoch):
+    write = FineTuner._write_epoch
+
+    def write_then_crash(self, record, improved):
+        write(self, record, improved)
+        if record["epoch"] == epoch:
+            raise Crash
+
+    monkeypatch.setattr(FineTuner, "_write_epoch", write_then_crash)
+
+
+def test_resume_state_holds_the_weights_and_resumes_without_the_safetensors(data, tmp_path, monkeypatch):
+    train, val = data
+    run = tmp_path / "run"
+    full = tiny_tuner(CLASSES, output_dir=tmp_path / "full", epochs=2)
+    full.fit(train, val)
+    _crash_after_epoch(monkeypatch, 0)
+    with pytest.raises(Crash):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    (run / "last.safetensors").unlink()  # e.g. killed between the state and the checkpoint
+    (run / "best.safetensors").unlink()
+    resumed = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    resumed.fit(train, val, resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert FineTuner.load(run / "best.safetensors").epoch == full.best["epoch"]
+
+
+def test_resume_reads_a_state_written_by_tlkit_0_1_0(data, tmp_path, monkeypatch):
+    # 0.1.0 kept the weights only in last.safetensors and a digest of them in the state.
+    from tlkit.checkpoint import load_training_state, save_training_state
+
+    train, val = data
+    run = tmp_path / "run"
+    full = tiny_tuner(CLASSES, epochs=2)
+    full.fit(train, val)
+    _crash_after_epoch(monkeypatch, 0)
+    with pytest.raises(Crash):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    state = load_training_state(run / "last.state.pt")
+    del state["model"]
+    save_training_state(run / "last.state.pt", state)
+    resumed = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    resumed.fit(train, val, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
+    # ... and refuses weights from another epoch
+    tiny_tuner(CLASSES, output_dir=tmp_path / "other", epochs=2).fit(train, val)
+    (run / "last.safetensors").write_bytes((tmp_path / "other" / "last.safetensors").read_bytes())
+    save_training_state(run / "last.state.pt", state)
+    with pytest.raises(CheckpointError, match="last.safetensors: weights do not match .*last.state.pt"):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte"])
+@pytest.mark.parametrize("name", ["last.state.pt", "last.safetensors"])
+def test_damaged_run_files_are_named_and_the_others_still_load(data, tmp_path, name, damage):
+    train, val = data
+    run = tmp_path / "run"
+    tiny_tuner(CLASSES, output_dir=run, epochs=1).fit(train, val)
+    path = run / name
+    blob = bytearray(path.read_bytes())
+    if damage == "truncated":
+        blob = blob[: len(blob) * 6 // 10]
+    else:  # inside the tensor data, which neither safetensors nor torch.load checks by itself
+        blob[len(blob) // 2 if name.endswith(".pt") else len(blob) - 100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    if name == "last.state.pt":
+        with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
+            tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)
+        assert FineTuner.load(run / "last.safetensors").epoch == 0
+    else:
+        with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
+            FineTuner.load(path)
+        assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
+    assert FineTuner.load(run / "best.safetensors").epoch == 0
+
+
+def test_a_failed_write_keeps_the_previous_files(data, tmp_path, monkeypatch):
+    import os
+
+    from tlkit.checkpoint import load_training_state
+
+    train, val = data
+    run = tmp_path / "run"
+    fsync, calls = os.fsync, []
+
+    def disk_full_after_epoch_0(fd):  # epoch 0 writes 4 files: state, last, best, metrics
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_after_epoch_0)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    assert load_training_state(run / "last.state.pt")["epoch"] == 1  # epoch 0 done, epoch 1 not
+    assert FineTuner.load(run / "last.safetensors").epoch == 0
+    assert not list(run.glob(".*tmp*"))
+    assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1

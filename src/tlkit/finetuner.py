@@ -40,6 +40,7 @@ from tlkit.metrics import ClassificationMetrics
 __all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
 
 _LOWER_IS_BETTER = {"val_loss"}
+_RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 
 
 @dataclass
@@ -274,9 +275,9 @@ class FineTuner:
         At the start of every epoch the `FreezePolicy` is applied; at a phase boundary
         newly unfrozen parameters join the optimizer with their own learning rate while the
         others keep their state. The learning rate follows a linear warm-up then cosine decay,
-        per optimizer step. With ``output_dir`` set, each epoch writes ``last.safetensors`` and
-        ``last.state.pt`` (resume state), ``best.safetensors`` when ``config.best_metric``
-        improves, and ``metrics.jsonl``.
+        per optimizer step. With ``output_dir`` set, each epoch writes ``last.state.pt`` (the
+        resume state, weights included, one atomic file) first, then ``last.safetensors``,
+        ``best.safetensors`` when ``config.best_metric`` improves, and ``metrics.jsonl``.
 
         Before anything else, every `ImageFolderDataset` not scanned yet is scanned
         (`ImageFolderDataset.scan`): with ``bad_images="skip"`` unusable files are dropped and
@@ -286,8 +287,9 @@ class FineTuner:
             train: an `ImageFolderDataset` (the training transform is applied), or a
                 dataset yielding ``(float32 tensor (3, H, W), int label)``.
             val: the same kinds, evaluated with the eval transform; ``None`` skips validation.
-            resume: ``True`` to continue from ``output_dir/last.state.pt``, or a path to a
-                ``.state.pt`` file.
+            resume: ``True`` to continue from ``output_dir/last.state.pt`` (when the folder holds
+                no run files at all, as after a crash in the first epoch, training starts at
+                epoch 0), or a path to a ``.state.pt`` file.
 
         Returns:
             One dict per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``top1``,
@@ -298,8 +300,9 @@ class FineTuner:
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
             BadImageError: a dataset with ``bad_images="error"`` holds unusable files (lists them).
-            FloatingPointError: the loss became NaN or infinite (names epoch and step).
-            CheckpointError: the resume state is missing or corrupted.
+            FloatingPointError: the loss became NaN or infinite (names epoch and step); the
+                files of the last completed epoch are left as they were.
+            CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
         """
         cfg = self.config
         for data in (train, val):
@@ -437,14 +440,12 @@ class FineTuner:
     def _write_epoch(self, record: dict[str, Any], improved: bool) -> None:
         if self.output_dir is None:
             return
-        out = self.output_dir
-        metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
-        self.save(out / "last.safetensors", metrics=metrics)
-        if improved:
-            self.save(out / "best.safetensors", metrics=metrics)
-        save_training_state(out / "last.state.pt", {
+        # The resume state is one atomic file that holds the weights too, written before
+        # anything else: a kill between any two of these writes leaves a consistent snapshot.
+        save_training_state(self.output_dir / "last.state.pt", {
             "epoch": record["epoch"] + 1,
             "step": self.step,
+            "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": _rng_state(),
@@ -452,22 +453,48 @@ class FineTuner:
             "history": json.dumps(self.history),
             "weights_digest": _digest(self.model),
         })
+        self._write_run_files(best=improved)
+
+    def _write_run_files(self, best: bool) -> None:
+        """``last.safetensors``, ``best.safetensors`` (if ``best``) and ``metrics.jsonl`` from the current state."""
+        out = self.output_dir
+        record = self.history[-1]
+        metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
+        self.save(out / "last.safetensors", metrics=metrics)
+        if best:
+            self.save(out / "best.safetensors", metrics=metrics)
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
 
     def _resume(self, resume: bool | str | Path) -> int:
+        if self.output_dir is not None:
+            # A run killed halfway through an atomic write leaves its temporary file behind.
+            for name in _RUN_FILES:
+                for tmp in self.output_dir.glob(f".{name}.tmp-*"):
+                    tmp.unlink(missing_ok=True)
         if resume is True:
             if self.output_dir is None:
                 raise ValueError("resume=True needs output_dir; pass the path of a .state.pt file instead")
             state_path = self.output_dir / "last.state.pt"
+            if not any((self.output_dir / n).exists() for n in _RUN_FILES):
+                # Killed before the first epoch ended: there is nothing to resume, start over.
+                tqdm.write(f"resume: {self.output_dir} holds no run files yet; starting at epoch 0", file=sys.stderr)
+                return 0
         else:
             state_path = Path(resume)
         state = load_training_state(state_path)
-        weights_path = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
-        weights, _ = load_checkpoint(weights_path)
-        self._load_weights(weights, weights_path)
+        if "model" in state:
+            weights_path = state_path
+            self._load_weights(state["model"], state_path)
+        else:  # written by tlkit 0.1.0: weights in the .safetensors file beside the state
+            weights_path = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+            weights, _ = load_checkpoint(weights_path)
+            self._load_weights(weights, weights_path)
         if _digest(self.model) != state["weights_digest"]:
-            raise CheckpointError(f"{weights_path} does not belong to {state_path} (weights digest differs)")
+            raise CheckpointError(
+                f"{weights_path}: weights do not match the digest recorded in {state_path} "
+                "(corrupted, or from another epoch)"
+            )
         next_epoch = int(state["epoch"])
         # Replay the phase boundaries already passed so the optimizer's groups are the ones the
         # uninterrupted run had, in the same order; then restore their state.
@@ -486,6 +513,11 @@ class FineTuner:
         self.best = state["best"]
         self.history = json.loads(state["history"])
         _set_rng_state(state["rng"])
+        if self.output_dir is not None and self.history:
+            # A kill may have come after the state but before the files written after it:
+            # write them again from the state.
+            self.epoch = next_epoch - 1
+            self._write_run_files(best=self.best.get("epoch") == next_epoch - 1)
         return next_epoch
 
     # -- evaluation and prediction ------------------------------------------------------------
