@@ -281,3 +281,49 @@ def test_a_failed_write_keeps_the_previous_files(data, tmp_path, monkeypatch):
     assert FineTuner.load(run / "last.safetensors").epoch == 0
     assert not list(run.glob(".*tmp*"))
     assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
+
+
+def test_load_adapts_the_head_to_other_classes_only_when_asked(tmp_path):
+    tuner = tiny_tuner(CLASSES)
+    with torch.no_grad():  # weights no fresh initialisation could produce
+        for p in tuner.model.parameters():
+            p.add_(0.25)
+    path = tuner.save(tmp_path / "m.safetensors")
+    four = ["a", "b", "c", "d"]
+    with pytest.raises(CheckpointError, match=r"m.safetensors: .*3 classes .*adapt_head=True"):
+        FineTuner.load(path, classes=four)
+    with pytest.raises(CheckpointError, match="adapt_head=True"):
+        FineTuner.load(path, num_classes=5)
+    with pytest.raises(CheckpointError, match="adapt_head=True"):  # same count, other names
+        FineTuner.load(path, classes=["x", "y", "z"])
+    same = FineTuner.load(path, classes=CLASSES, num_classes=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(same.model.state_dict().values(), tuner.model.state_dict().values()))
+
+    adapted = FineTuner.load(path, classes=four, adapt_head=True, progress=False)
+    assert adapted.classes == four and adapted.head.num_classes == 4
+    old, new = tuner.model.state_dict(), adapted.model.state_dict()
+    head = [k for k in new if k.startswith("fc.")]
+    assert head == ["fc.weight", "fc.bias"] and new["fc.weight"].shape == (4, old["fc.weight"].shape[1])
+    for k in new:
+        if k not in head:
+            assert torch.equal(new[k], old[k]), k  # backbone loaded
+    assert new["fc.bias"].abs().max() < 0.25  # the head is fresh, not shifted by 0.25
+    again = FineTuner.load(path, classes=four, adapt_head=True, progress=False)
+    assert torch.equal(again.model.fc.weight, adapted.model.fc.weight)  # seeded initialisation
+    assert adapted.predict(torch.randn(2, 3, 64, 64))[0].label in four
+    assert FineTuner.load(path, num_classes=6, adapt_head=True).classes == [str(i) for i in range(6)]
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_backbone_mismatch_always_names_the_first_mismatching_tensors(tmp_path, adapt):
+    from tlkit import load_checkpoint, save_checkpoint
+
+    path = tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
+    state, meta = load_checkpoint(path)
+    first = next(k for k in state if not k.startswith("fc."))
+    state[first] = torch.zeros(2, 2)
+    del state["layer1.0.bn1.weight"]
+    save_checkpoint(tmp_path / "bad.safetensors", state, meta)
+    kwargs = {"classes": ["a", "b"], "adapt_head": True} if adapt else {}
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors: .*missing \['layer1.0.bn1.weight'\].*{first} \[2, 2\]"):
+        FineTuner.load(tmp_path / "bad.safetensors", **kwargs)

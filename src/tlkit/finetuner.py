@@ -34,7 +34,7 @@ from tlkit.data import ImageFolderDataset, create_transforms, skip_none_collate
 from tlkit.features import FeatureCache, classifier_is_last_step, extract_features, seeded, weights_digest
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
-from tlkit.images import load_image
+from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.metrics import ClassificationMetrics
 
 __all__ = ["FineTuner", "Prediction", "resolve_device", "resolve_precision"]
@@ -585,29 +585,43 @@ class FineTuner:
 
         return self.feature_cache.get_or_compute(key, compute)
 
-    def _prepare(self, item: Any) -> torch.Tensor:
+    def _prepare(self, item: Any, max_pixels: int | None, max_bytes: int | None) -> torch.Tensor:
         if isinstance(item, (str, Path)):
-            return self.eval_transform(load_image(item))
+            return self.eval_transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes))
         if isinstance(item, Image.Image):
-            return self.eval_transform(item.convert("RGB"))
+            return self.eval_transform(to_rgb(item))
         if isinstance(item, torch.Tensor) and item.ndim == 3:
             return item
         raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")
 
     @torch.no_grad()
-    def predict(self, inputs: Any, batch_size: int | None = None) -> list[Prediction]:
+    def predict(
+        self,
+        inputs: Any,
+        batch_size: int | None = None,
+        *,
+        max_pixels: int | None = MAX_PIXELS,
+        max_bytes: int | None = MAX_BYTES,
+    ) -> list[Prediction]:
         """Classify images with the saved data config's eval transform (never augmentation).
+
+        Files are treated as untrusted: each is checked against ``max_bytes`` and, from its
+        header, ``max_pixels`` before it is decoded (see `tlkit.load_image`).
 
         Args:
             inputs: a path, a PIL image, a tensor, or a list of them. Tensors are taken as model
-                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised.
+                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images
+                with transparency are composited onto white, as files are.
             batch_size: images per forward pass; default ``config.eval_batch_size``.
+            max_pixels: largest accepted width x height of an image file.
+            max_bytes: largest accepted size of an image file, in bytes.
 
         Returns:
             One `Prediction` per image, in input order.
 
         Raises:
-            ValueError: an image file cannot be read (names it).
+            BadImageError: (a ``ValueError``) an image file is unreadable, truncated, or over a
+                limit (names it and the limit).
             TypeError: an input of an unsupported type.
         """
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
@@ -621,7 +635,7 @@ class FineTuner:
         self.model.eval()
         out: list[Prediction] = []
         for i in range(0, len(items), batch_size):
-            x = torch.stack([self._prepare(it) for it in items[i:i + batch_size]])
+            x = torch.stack([self._prepare(it, max_pixels, max_bytes) for it in items[i:i + batch_size]])
             with self._autocast():
                 probs = self.model(self._to_device(x)).float().softmax(1).cpu()
             for row in probs:
@@ -657,8 +671,18 @@ class FineTuner:
         """Write the model and its metadata to a ``.safetensors`` checkpoint, atomically."""
         return save_checkpoint(path, self.model.state_dict(), self.metadata(metrics))
 
-    def _load_weights(self, state: dict[str, torch.Tensor], path: Path) -> None:
+    def _load_weights(self, state: dict[str, torch.Tensor], path: Path, skip_head: bool = False) -> None:
+        """Load ``state`` into the model; with ``skip_head`` the classifier keeps its initialisation.
+
+        Raises:
+            CheckpointError: a tensor is missing, unexpected or of another shape (names the first
+                ones, in model order, and the file).
+        """
         own = self.model.state_dict()
+        if skip_head:
+            head = tuple(f"{n}." for n in classifier_module_names(self.model))
+            own = {k: v for k, v in own.items() if not k.startswith(head)}
+            state = {k: v for k, v in state.items() if not k.startswith(head)}
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
@@ -666,24 +690,46 @@ class FineTuner:
         if missing or unexpected or shapes:
             raise CheckpointError(
                 f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape mismatches {shapes[:3]}"
+                f"shape mismatches (file vs model) {shapes[:3]}"
             )
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state, strict=not skip_head)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **config_overrides: Any) -> FineTuner:
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        *,
+        classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        adapt_head: bool = False,
+        **config_overrides: Any,
+    ) -> FineTuner:
         """Rebuild a ready model from a checkpoint file or a run folder (its best checkpoint).
 
         Needs no config file, no user code and no network: the backbone is built with
         ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
 
+        To reuse a checkpoint for other classes (a new task from a fine-tuned backbone), pass
+        ``classes`` (or ``num_classes``) with ``adapt_head=True``: the backbone weights are
+        loaded and a new head of the stored head config is initialised for the new classes
+        (PyTorch's default initialisation, seeded by the stored ``TrainConfig.seed`` so two
+        loads agree). The head is never adapted silently.
+
         Args:
             path: a ``.safetensors`` checkpoint, or a run folder.
             device: where to put the model.
+            classes: class names in index order; default the checkpoint's.
+            num_classes: a class count instead of ``classes`` (names ``"0"``, ``"1"``... unless it
+                equals the checkpoint's count, which keeps the stored names).
+            adapt_head: allow ``classes`` / ``num_classes`` to differ from the checkpoint's.
             config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``).
 
         Raises:
-            CheckpointError: missing, corrupted, or weights that do not fit the stored backbone.
+            CheckpointError: missing or corrupted file; other classes without ``adapt_head``;
+                backbone weights that do not fit the stored backbone (always, naming the first
+                mismatching tensors).
+            ValueError: ``classes`` and ``num_classes`` disagree.
         """
         path = resolve_checkpoint(path)
         state, meta = load_checkpoint(path)
@@ -691,18 +737,35 @@ class FineTuner:
             backbone = BackboneConfig(name=meta["backbone"]["name"], pretrained=False,
                                       model_kwargs=meta["backbone"]["model_kwargs"])
             head = HeadConfig(**meta["head"])
-            classes = list(meta["classes"])
+            stored = list(meta["classes"])
             train_cfg = TrainConfig(**{**meta["train_config"], "device": device, **config_overrides})
             policy = FreezePolicy(**meta["freeze_policy"])
             augment = AugmentConfig(**meta["augment"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: incomplete or invalid metadata ({type(e).__name__}: {e})") from e
+        if classes is not None:
+            wanted = list(classes)
+            if num_classes is not None and num_classes != len(wanted):
+                raise ValueError(f"num_classes={num_classes} but {len(wanted)} classes were given: {wanted}")
+        elif num_classes is not None:
+            wanted = stored if num_classes == len(stored) else [str(i) for i in range(num_classes)]
+        else:
+            wanted = stored
+        new_head = wanted != stored
+        if new_head and not adapt_head:
+            raise CheckpointError(
+                f"{path}: the checkpoint's head predicts {len(stored)} classes {stored}, not the {len(wanted)} "
+                f"asked for {wanted}; pass adapt_head=True to load the backbone and initialise a new head"
+            )
+        if new_head:
+            head = head.model_copy(update={"num_classes": len(wanted)})
         model = create_backbone(backbone)
-        HeadReplacer.from_config(head).apply(model)
-        tuner = cls(model, classes, policy=policy, config=train_cfg, data_config=meta["data_config"],
+        with seeded(train_cfg.seed)():  # a new head is initialised the same way on every load
+            HeadReplacer.from_config(head).apply(model)
+        tuner = cls(model, wanted, policy=policy, config=train_cfg, data_config=meta["data_config"],
                     augment=augment, backbone=backbone, head=head)
-        tuner._load_weights(state, path)
-        tuner.epoch = int(meta.get("epoch", 0))
+        tuner._load_weights(state, path, skip_head=new_head)
+        tuner.epoch = 0 if new_head else int(meta.get("epoch", 0))
         tuner.model.eval()
         return tuner
 
