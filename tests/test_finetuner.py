@@ -327,3 +327,94 @@ def test_backbone_mismatch_always_names_the_first_mismatching_tensors(tmp_path, 
     kwargs = {"classes": ["a", "b"], "adapt_head": True} if adapt else {}
     with pytest.raises(CheckpointError, match=rf"bad.safetensors: .*missing \['layer1.0.bn1.weight'\].*{first} \[2, 2\]"):
         FineTuner.load(tmp_path / "bad.safetensors", **kwargs)
+
+
+class PoisonedAfter(torch.utils.data.Dataset):
+    """8 fixed random images; every read after the first ``clean`` reads returns a NaN image."""
+
+    def __init__(self, clean: int):
+        self.x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        self.y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        self.clean, self.reads = clean, 0
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return (self.x[i] if self.reads <= self.clean else torch.full_like(self.x[i], float("nan"))), self.y[i]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from tlkit.checkpoint import load_training_state
+
+    run = tmp_path / "run"
+    tuner = tiny_tuner(CLASSES, output_dir=run, epochs=3)
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 1 step 2; the last good checkpoint is kept"):
+        tuner.fit(PoisonedAfter(clean=8))  # epoch 0 (2 batches of 4) is clean
+    saved = FineTuner.load(run / "last.safetensors")
+    assert saved.epoch == 0
+    state = load_training_state(run / "last.state.pt")
+    assert state["epoch"] == 1
+    for k, v in saved.model.state_dict().items():
+        assert torch.isfinite(v.float()).all(), k
+        assert torch.equal(v, state["model"][k]), k
+        assert torch.equal(v, tuner.model.state_dict()[k]), k  # not even BatchNorm statistics moved
+
+
+def _count_optimizer_steps():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    return calls, handle
+
+
+def test_grad_scaler_unscales_before_clipping_and_steps_once_per_batch(data):
+    # A power-of-two loss scale is exact in float32, so a correctly unscaled update (clipping
+    # included) equals the unscaled run bit for bit. Same code path as fp16 on CUDA.
+    train, _ = data
+    plain = tiny_tuner(CLASSES, epochs=1, optimizer="sgd", grad_clip_norm=0.5)
+    plain.fit(train)
+    scaled = tiny_tuner(CLASSES, epochs=1, optimizer="sgd", grad_clip_norm=0.5)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    calls, handle = _count_optimizer_steps()
+    try:
+        scaled.fit(train)
+    finally:
+        handle.remove()
+    assert len(calls) == scaled.step == 3  # 12 images, batches of 4
+    assert scaled.scaler.get_scale() == 2.0**12  # no overflow, no skipped step
+    for (k, a), b in zip(plain.model.state_dict().items(), scaled.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_cuda_scales_gradients_and_steps_once_per_batch(data):
+    train, _ = data
+    tuner = tiny_tuner(CLASSES, epochs=1, device="cuda", precision="fp16", grad_clip_norm=1.0)
+    assert tuner.scaler is not None and tuner.amp_dtype == torch.float16
+    calls, handle = _count_optimizer_steps()
+    try:
+        tuner.fit(train)
+    finally:
+        handle.remove()
+    assert len(calls) <= tuner.step == 3  # a step skipped for inf gradients is not taken twice
+    assert all(torch.isfinite(p).all() for p in tuner.model.parameters())
+
+
+def test_the_same_seed_gives_bit_identical_history_and_weights_on_cpu(data):
+    train, val = data
+
+    def run(**train_config):
+        tuner = tiny_tuner(CLASSES, **train_config)
+        history = tuner.fit(train, val)
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history], tuner.model
+
+    history, model = run()
+    again, model_again = run()
+    assert history == again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_again.state_dict().values()))
+    assert run(seed=1)[0] != history  # the seed drives shuffling and augmentation
+    # DataLoader worker processes are seeded from the loader's seeded generator
+    assert run(num_workers=2)[0] == run(num_workers=2)[0]

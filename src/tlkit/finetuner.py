@@ -300,8 +300,9 @@ class FineTuner:
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
             BadImageError: a dataset with ``bad_images="error"`` holds unusable files (lists them).
-            FloatingPointError: the loss became NaN or infinite (names epoch and step); the
-                files of the last completed epoch are left as they were.
+            FloatingPointError: the loss became NaN or infinite (names epoch and step). The
+                failing step is not taken (BatchNorm statistics are restored too), and the files
+                of the last completed epoch are left as they were.
             CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
         """
         cfg = self.config
@@ -354,6 +355,7 @@ class FineTuner:
                 forward = self.model
                 loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
+            running_stats = _running_stats(self.model)
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
             for batch in bar:
                 if batch is None:  # every file of the batch failed to load (bad_images="skip")
@@ -363,10 +365,16 @@ class FineTuner:
                 for g in self.optimizer.param_groups:
                     g["lr"] = cfg.lr * g["lr_scale"] * factor
                 x, y = self._to_device(x), y.to(self.device)
+                # The forward pass updates BatchNorm statistics even when the loss turns out
+                # NaN; keep a copy so a failing step leaves the model as it was.
+                stats_before = [t.clone() for t in running_stats]
                 with self._autocast():
                     logits = forward(x)
                 loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for t, saved in zip(running_stats, stats_before):
+                            t.copy_(saved)
                     raise FloatingPointError(
                         f"loss is {loss.item()} at epoch {epoch} step {self.step}; the last good "
                         f"checkpoint is kept{' in ' + str(self.output_dir) if self.output_dir else ''}"
@@ -768,6 +776,12 @@ class FineTuner:
         tuner.epoch = 0 if new_head else int(meta.get("epoch", 0))
         tuner.model.eval()
         return tuner
+
+
+def _running_stats(model: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm buffers a training forward pass changes (running mean, variance, count)."""
+    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
 
 
 def _digest(model: nn.Module) -> str:
