@@ -47,7 +47,7 @@ BatchNormPolicy = Literal["follow", "frozen", "trainable"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class Phase(_Strict):
