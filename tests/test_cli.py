@@ -47,3 +47,16 @@ def test_predict_prints_one_json_line_per_image(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["path"] for x in lines] == images
     assert all(abs(sum(x["probabilities"].values()) - 1) < 1e-5 for x in lines)
+
+
+def test_predict_refuses_files_over_the_limits(tmp_path, capsys):
+    from conftest import tiny_tuner
+
+    tuner = tiny_tuner(["cardboard", "glass", "metal"])
+    tuner.save(tmp_path / "m.safetensors")
+    image = sorted(copy_sample(tmp_path / "data", per_class=1).rglob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "--max-pixels", "1000", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert str(image) in err and "max_pixels" in err
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "--max-bytes", "10", str(image)]) == 2
+    assert "max_bytes" in capsys.readouterr().err

@@ -52,3 +52,12 @@ def test_non_mapping_config_names_the_file(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="list.yaml"):
         RunConfig.from_file(path)
+
+
+@pytest.mark.parametrize("model,field", [(TrainConfig, "weight_decay"), (TrainConfig, "grad_clip_norm"),
+                                         (FreezePolicy, "backbone_lr_scale")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_nan_and_infinite_values_are_named(model, field, value):
+    # ``ge=0`` / ``gt=0`` alone let inf through; it would surface later as a NaN loss
+    with pytest.raises(ValidationError, match=field):
+        model(**{field: value})

@@ -167,3 +167,254 @@ def test_cli_evaluate_matches_classes_by_name(tmp_path, capsys):
     (evald / "pizza" / "x.jpg").write_bytes((evald / "glass").iterdir().__next__().read_bytes())
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(evald)]) == 2
     assert "pizza" in capsys.readouterr().err
+
+
+def test_resume_in_a_run_folder_without_files_starts_at_epoch_0(data, tmp_path):
+    # A run killed before its first epoch ended left nothing to resume from.
+    train, val = data
+    plain = tiny_tuner(CLASSES).fit(train, val)
+    resumed = tiny_tuner(CLASSES, output_dir=tmp_path / "run").fit(train, val, resume=True)
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in plain]
+    with pytest.raises(CheckpointError, match="elsewhere.state.pt"):
+        tiny_tuner(CLASSES).fit(train, val, resume=tmp_path / "elsewhere.state.pt")
+
+
+def _crash_after_epoch(monkeypatch, epoch):
+    write = FineTuner._write_epoch
+
+    def write_then_crash(self, record, improved):
+        write(self, record, improved)
+        if record["epoch"] == epoch:
+            raise Crash
+
+    monkeypatch.setattr(FineTuner, "_write_epoch", write_then_crash)
+
+
+def test_resume_state_holds_the_weights_and_resumes_without_the_safetensors(data, tmp_path, monkeypatch):
+    train, val = data
+    run = tmp_path / "run"
+    full = tiny_tuner(CLASSES, output_dir=tmp_path / "full", epochs=2)
+    full.fit(train, val)
+    _crash_after_epoch(monkeypatch, 0)
+    with pytest.raises(Crash):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    (run / "last.safetensors").unlink()  # e.g. killed between the state and the checkpoint
+    (run / "best.safetensors").unlink()
+    resumed = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    resumed.fit(train, val, resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert FineTuner.load(run / "best.safetensors").epoch == full.best["epoch"]
+
+
+def test_resume_reads_a_state_written_by_tlkit_0_1_0(data, tmp_path, monkeypatch):
+    # 0.1.0 kept the weights only in last.safetensors and a digest of them in the state.
+    from tlkit.checkpoint import load_training_state, save_training_state
+
+    train, val = data
+    run = tmp_path / "run"
+    full = tiny_tuner(CLASSES, epochs=2)
+    full.fit(train, val)
+    _crash_after_epoch(monkeypatch, 0)
+    with pytest.raises(Crash):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    state = load_training_state(run / "last.state.pt")
+    del state["model"]
+    save_training_state(run / "last.state.pt", state)
+    resumed = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    resumed.fit(train, val, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
+    # ... and refuses weights from another epoch
+    tiny_tuner(CLASSES, output_dir=tmp_path / "other", epochs=2).fit(train, val)
+    (run / "last.safetensors").write_bytes((tmp_path / "other" / "last.safetensors").read_bytes())
+    save_training_state(run / "last.state.pt", state)
+    with pytest.raises(CheckpointError, match="last.safetensors: weights do not match .*last.state.pt"):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped-byte"])
+@pytest.mark.parametrize("name", ["last.state.pt", "last.safetensors"])
+def test_damaged_run_files_are_named_and_the_others_still_load(data, tmp_path, name, damage):
+    train, val = data
+    run = tmp_path / "run"
+    tiny_tuner(CLASSES, output_dir=run, epochs=1).fit(train, val)
+    path = run / name
+    blob = bytearray(path.read_bytes())
+    if damage == "truncated":
+        blob = blob[: len(blob) * 6 // 10]
+    else:  # inside the tensor data, which neither safetensors nor torch.load checks by itself
+        blob[len(blob) // 2 if name.endswith(".pt") else len(blob) - 100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    if name == "last.state.pt":
+        with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
+            tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)
+        assert FineTuner.load(run / "last.safetensors").epoch == 0
+    else:
+        with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
+            FineTuner.load(path)
+        assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
+    assert FineTuner.load(run / "best.safetensors").epoch == 0
+
+
+def test_a_failed_write_keeps_the_previous_files(data, tmp_path, monkeypatch):
+    import os
+
+    from tlkit.checkpoint import load_training_state
+
+    train, val = data
+    run = tmp_path / "run"
+    fsync, calls = os.fsync, []
+
+    def disk_full_after_epoch_0(fd):  # epoch 0 writes 4 files: state, last, best, metrics
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_after_epoch_0)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
+    monkeypatch.undo()
+    assert load_training_state(run / "last.state.pt")["epoch"] == 1  # epoch 0 done, epoch 1 not
+    assert FineTuner.load(run / "last.safetensors").epoch == 0
+    assert not list(run.glob(".*tmp*"))
+    assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
+
+
+def test_load_adapts_the_head_to_other_classes_only_when_asked(tmp_path):
+    tuner = tiny_tuner(CLASSES)
+    with torch.no_grad():  # weights no fresh initialisation could produce
+        for p in tuner.model.parameters():
+            p.add_(0.25)
+    path = tuner.save(tmp_path / "m.safetensors")
+    four = ["a", "b", "c", "d"]
+    with pytest.raises(CheckpointError, match=r"m.safetensors: .*3 classes .*adapt_head=True"):
+        FineTuner.load(path, classes=four)
+    with pytest.raises(CheckpointError, match="adapt_head=True"):
+        FineTuner.load(path, num_classes=5)
+    with pytest.raises(CheckpointError, match="adapt_head=True"):  # same count, other names
+        FineTuner.load(path, classes=["x", "y", "z"])
+    same = FineTuner.load(path, classes=CLASSES, num_classes=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(same.model.state_dict().values(), tuner.model.state_dict().values()))
+
+    adapted = FineTuner.load(path, classes=four, adapt_head=True, progress=False)
+    assert adapted.classes == four and adapted.head.num_classes == 4
+    old, new = tuner.model.state_dict(), adapted.model.state_dict()
+    head = [k for k in new if k.startswith("fc.")]
+    assert head == ["fc.weight", "fc.bias"] and new["fc.weight"].shape == (4, old["fc.weight"].shape[1])
+    for k in new:
+        if k not in head:
+            assert torch.equal(new[k], old[k]), k  # backbone loaded
+    assert new["fc.bias"].abs().max() < 0.25  # the head is fresh, not shifted by 0.25
+    again = FineTuner.load(path, classes=four, adapt_head=True, progress=False)
+    assert torch.equal(again.model.fc.weight, adapted.model.fc.weight)  # seeded initialisation
+    assert adapted.predict(torch.randn(2, 3, 64, 64))[0].label in four
+    assert FineTuner.load(path, num_classes=6, adapt_head=True).classes == [str(i) for i in range(6)]
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_backbone_mismatch_always_names_the_first_mismatching_tensors(tmp_path, adapt):
+    from tlkit import load_checkpoint, save_checkpoint
+
+    path = tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
+    state, meta = load_checkpoint(path)
+    first = next(k for k in state if not k.startswith("fc."))
+    state[first] = torch.zeros(2, 2)
+    del state["layer1.0.bn1.weight"]
+    save_checkpoint(tmp_path / "bad.safetensors", state, meta)
+    kwargs = {"classes": ["a", "b"], "adapt_head": True} if adapt else {}
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors: .*missing \['layer1.0.bn1.weight'\].*{first} \[2, 2\]"):
+        FineTuner.load(tmp_path / "bad.safetensors", **kwargs)
+
+
+class PoisonedAfter(torch.utils.data.Dataset):
+    """8 fixed random images; every read after the first ``clean`` reads returns a NaN image."""
+
+    def __init__(self, clean: int):
+        self.x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        self.y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        self.clean, self.reads = clean, 0
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return (self.x[i] if self.reads <= self.clean else torch.full_like(self.x[i], float("nan"))), self.y[i]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from tlkit.checkpoint import load_training_state
+
+    run = tmp_path / "run"
+    tuner = tiny_tuner(CLASSES, output_dir=run, epochs=3)
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 1 step 2; the last good checkpoint is kept"):
+        tuner.fit(PoisonedAfter(clean=8))  # epoch 0 (2 batches of 4) is clean
+    saved = FineTuner.load(run / "last.safetensors")
+    assert saved.epoch == 0
+    state = load_training_state(run / "last.state.pt")
+    assert state["epoch"] == 1
+    for k, v in saved.model.state_dict().items():
+        assert torch.isfinite(v.float()).all(), k
+        assert torch.equal(v, state["model"][k]), k
+        assert torch.equal(v, tuner.model.state_dict()[k]), k  # not even BatchNorm statistics moved
+
+
+def _count_optimizer_steps():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    return calls, handle
+
+
+def test_grad_scaler_unscales_before_clipping_and_steps_once_per_batch(data):
+    # A power-of-two loss scale is exact in float32, so a correctly unscaled update (clipping
+    # included) equals the unscaled run bit for bit. Same code path as fp16 on CUDA.
+    train, _ = data
+    plain = tiny_tuner(CLASSES, epochs=1, optimizer="sgd", grad_clip_norm=0.5)
+    plain.fit(train)
+    scaled = tiny_tuner(CLASSES, epochs=1, optimizer="sgd", grad_clip_norm=0.5)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    calls, handle = _count_optimizer_steps()
+    try:
+        scaled.fit(train)
+    finally:
+        handle.remove()
+    assert len(calls) == scaled.step == 3  # 12 images, batches of 4
+    assert scaled.scaler.get_scale() == 2.0**12  # no overflow, no skipped step
+    for (k, a), b in zip(plain.model.state_dict().items(), scaled.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_cuda_scales_gradients_and_steps_once_per_batch(data):
+    train, _ = data
+    tuner = tiny_tuner(CLASSES, epochs=1, device="cuda", precision="fp16", grad_clip_norm=1.0)
+    assert tuner.scaler is not None and tuner.amp_dtype == torch.float16
+    calls, handle = _count_optimizer_steps()
+    try:
+        tuner.fit(train)
+    finally:
+        handle.remove()
+    assert len(calls) <= tuner.step == 3  # a step skipped for inf gradients is not taken twice
+    assert all(torch.isfinite(p).all() for p in tuner.model.parameters())
+
+
+def test_the_same_seed_gives_bit_identical_history_and_weights_on_cpu(data):
+    train, val = data
+
+    def run(**train_config):
+        tuner = tiny_tuner(CLASSES, **train_config)
+        history = tuner.fit(train, val)
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history], tuner.model
+
+    history, model = run()
+    again, model_again = run()
+    assert history == again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_again.state_dict().values()))
+    assert run(seed=1)[0] != history  # the seed drives shuffling and augmentation
+    # DataLoader worker processes are seeded from the loader's seeded generator
+    assert run(num_workers=2)[0] == run(num_workers=2)[0]

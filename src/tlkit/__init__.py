@@ -16,11 +16,23 @@ from tlkit.config import (
     RunConfig,
     TrainConfig,
 )
-from tlkit.data import ImageFolderDataset, create_transforms, load_datasets, load_image, stratified_split
+from tlkit.data import ImageFolderDataset, create_transforms, load_datasets, skip_none_collate, stratified_split
 from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
 from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
 from tlkit.head import HeadReplacer, TaskHead
+from tlkit.images import (
+    IMAGE_EXTENSIONS,
+    MAX_BYTES,
+    MAX_PIXELS,
+    BadImage,
+    BadImageError,
+    ScanReport,
+    SkippedImageWarning,
+    find_bad_images,
+    load_image,
+    to_rgb,
+)
 from tlkit.metrics import ClassificationMetrics
 from tlkit.recipes import RECIPES, apply_recipe
 
@@ -28,6 +40,8 @@ __all__ = [
     "__version__",
     "AugmentConfig",
     "BackboneConfig",
+    "BadImage",
+    "BadImageError",
     "CheckpointError",
     "ClassificationMetrics",
     "DataConfigOverrides",
@@ -37,12 +51,17 @@ __all__ = [
     "FreezePolicy",
     "HeadConfig",
     "HeadReplacer",
+    "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
+    "MAX_BYTES",
+    "MAX_PIXELS",
     "ParamGroup",
     "Phase",
     "Prediction",
     "RECIPES",
     "RunConfig",
+    "ScanReport",
+    "SkippedImageWarning",
     "TaskHead",
     "TrainConfig",
     "apply_recipe",
@@ -50,6 +69,7 @@ __all__ = [
     "create_backbone",
     "create_transforms",
     "extract_features",
+    "find_bad_images",
     "load_checkpoint",
     "load_datasets",
     "load_image",
@@ -58,5 +78,7 @@ __all__ = [
     "read_state_dict",
     "resolve_data_config",
     "save_checkpoint",
+    "skip_none_collate",
     "stratified_split",
+    "to_rgb",
 ]

@@ -4,6 +4,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """Base for tlkit configs: unknown keys are an error, assignments are validated."""
+    """Base for tlkit configs: unknown keys, NaN and infinite floats are errors; assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a bound like ``ge=0`` lets ``inf`` through, and an infinite weight
+    # decay or LR scale would only show up later as a NaN loss.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)

@@ -3,13 +3,17 @@
 A checkpoint file (``*.safetensors``) holds the model's ``state_dict`` and, in the safetensors
 header, a JSON document (key ``"tlkit"``) with everything needed to rebuild the model without
 any other file: backbone name and timm kwargs, head config, class names in index order, data
-config, FreezePolicy, metrics and the tlkit version. Training state for resume (optimizer,
-scheduler step, epoch, RNG states) lives beside it in ``*.state.pt``, read back with
+config, FreezePolicy, metrics and the tlkit version. Training state for resume (weights,
+optimizer, scheduler step, epoch, RNG states) lives beside it in ``*.state.pt``, read back with
 ``torch.load(weights_only=True)``.
+
+Both kinds of file carry a sha256 of their content (neither safetensors nor ``torch.load``
+checks one), so a flipped byte is an error naming the file, never silently wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,6 +30,7 @@ __all__ = [
     "load_training_state",
     "resolve_checkpoint",
     "atomic_write_bytes",
+    "tensors_sha256",
 ]
 
 FORMAT = "tlkit.checkpoint.v1"
@@ -33,6 +38,41 @@ FORMAT = "tlkit.checkpoint.v1"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or not a tlkit checkpoint."""
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) of names, dtypes, shapes and raw bytes of ``tensors``, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _tree_sha256(obj: Any, h: Any = None) -> str:
+    """sha256 of a nested structure of tensors, numbers, strings, lists, tuples and dicts."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(_tensor_bytes(obj))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(f"K{k!r}".encode())
+            _tree_sha256(obj[k], h)
+    elif isinstance(obj, (list, tuple)):  # torch.load may not keep the distinction
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _tree_sha256(v, h)
+    else:
+        h.update(f"V{obj!r};".encode())
+    return h.hexdigest() if top else ""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -61,12 +101,13 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metad
     Args:
         path: destination file.
         state_dict: tensors (moved to CPU and made contiguous here).
-        metadata: JSON-serialisable dict stored in the header.
+        metadata: JSON-serialisable dict stored in the header, next to a ``sha256`` of the
+            tensors (`tensors_sha256`) that `load_checkpoint` verifies.
     """
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    header = {"format": FORMAT, "tlkit": json.dumps(metadata)}
+    header = {"format": FORMAT, "tlkit": json.dumps(metadata), "sha256": tensors_sha256(tensors)}
     return atomic_write_bytes(path, save(tensors, metadata=header))
 
 
@@ -77,7 +118,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         ``(state_dict, metadata)``, tensors on the CPU.
 
     Raises:
-        CheckpointError: the file is missing, truncated, corrupted or has no tlkit metadata.
+        CheckpointError: the file is missing, truncated, corrupted (including tensor bytes that
+            no longer match the stored sha256) or has no tlkit metadata; names the file.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -93,6 +135,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}: {e})") from e
     if header.get("format") != FORMAT or "tlkit" not in header:
         raise CheckpointError(f"{path}: not a tlkit checkpoint (no '{FORMAT}' metadata)")
+    if "sha256" in header and tensors_sha256(state) != header["sha256"]:  # absent in files from earlier tlkit versions
+        raise CheckpointError(f"{path}: corrupted checkpoint (tensor data does not match its sha256)")
     try:
         meta = json.loads(header["tlkit"])
     except json.JSONDecodeError as e:
@@ -101,25 +145,37 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write the resume state (tensors, numbers, strings, lists, dicts only) atomically."""
+    """Write the resume state (tensors, numbers, strings, lists, dicts only) atomically.
+
+    A ``"sha256"`` entry over the whole state is added, verified by `load_training_state`.
+    """
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({**state, "sha256": _tree_sha256(state)}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a resume state with ``torch.load(weights_only=True)``.
 
+    Returns:
+        The dict given to `save_training_state`.
+
     Raises:
-        CheckpointError: missing, truncated or corrupted.
+        CheckpointError: missing, truncated or corrupted (names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: truncated or corrupted training state ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a tlkit training state (holds {type(state).__name__})")
+    digest = state.pop("sha256", None)
+    if digest is not None and _tree_sha256(state) != digest:  # absent in files from earlier tlkit versions
+        raise CheckpointError(f"{path}: corrupted training state (content does not match its sha256)")
+    return state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

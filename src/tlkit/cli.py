@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from tlkit.images import MAX_BYTES, MAX_PIXELS
+
 __all__ = ["main"]
 
 
@@ -61,7 +63,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
 
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
-    preds = tuner.predict([Path(p) for p in args.images], batch_size=args.batch_size)
+    preds = tuner.predict([Path(p) for p in args.images], batch_size=args.batch_size,
+                          max_pixels=args.max_pixels, max_bytes=args.max_bytes)
     for path, p in zip(args.images, preds):
         print(json.dumps({"path": path, "label": p.label, "probability": p.probability,
                           "probabilities": p.probabilities}))
@@ -93,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images whose header claims more pixels (default {MAX_PIXELS})")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                   help=f"refuse image files larger than this many bytes (default {MAX_BYTES})")
     p.set_defaults(func=_cmd_predict)
     return parser
 

@@ -133,6 +133,14 @@ class DatasetConfig(StrictModel):
     split_seed: int = Field(0, ge=0)
     classes: list[str] | None = Field(None, description="Class names in index order; default sorted folders.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    bad_images: Literal["skip", "error"] = Field(
+        "skip",
+        description="Unusable image files: 'skip' reports and drops them before training; 'error' fails "
+        "before training, listing them all.",
+    )
+    allow_empty_classes: bool = Field(
+        False, description="Keep a class whose folder has no usable image instead of failing."
+    )
 
 
 class TrainConfig(StrictModel):

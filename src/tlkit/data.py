@@ -4,40 +4,42 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlkit.config import AugmentConfig, DatasetConfig
+from tlkit.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    BadImageError,
+    ScanReport,
+    SkippedImageWarning,
+    find_bad_images,
+    load_image,  # noqa: F401 - ``from tlkit.data import load_image`` predates tlkit.images
+)
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
-    "load_image",
+    "skip_none_collate",
     "stratified_split",
     "load_datasets",
     "create_transforms",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-"""File suffixes read as images, compared case-insensitively (``.JPG`` counts)."""
 
+def skip_none_collate(batch: list[Any]) -> Any:
+    """``default_collate`` over the items that are not ``None``; ``None`` when none are left.
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB with its EXIF orientation applied.
-
-    Raises:
-        ValueError: the file cannot be decoded (names the file and the reason).
+    `ImageFolderDataset` returns ``None`` for a file that fails to load in ``"skip"`` mode; this
+    collate function drops it, so a bad file costs one sample, never the epoch (also inside
+    DataLoader worker processes). `FineTuner` skips a ``None`` batch.
     """
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    items = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(items) if items else None
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -45,7 +47,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Items are ``(image, label)``: a PIL RGB image, or whatever ``transform`` makes of it (for
     tlkit's transforms a float32 tensor ``(3, H, W)`` normalised by the data config), and the
-    class index (int).
+    class index (int). Images are read with `tlkit.load_image` (size limits, transparency onto
+    white, 16-bit scaled, EXIF orientation).
+
+    Files count as images by suffix, case-insensitively (`IMAGE_EXTENSIONS`: ``.jpg``,
+    ``.JPG``, ``.Jpeg``, ``.png``...); other files in class folders (``.DS_Store``,
+    ``Thumbs.db``, ``notes.txt``) and hidden files are ignored and listed in ``ignored``.
+    Whether an image file actually decodes is checked by `scan`, which `FineTuner.fit` runs
+    before training.
 
     Args:
         root: the folder holding one sub-folder per class.
@@ -54,10 +63,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             disk, and a folder with a name not in ``classes`` is an error.
         transform: applied to each PIL image.
         allow_missing_classes: accept ``classes`` without a folder (evaluation on a subset).
+        bad_images: ``"skip"`` (default): `scan` drops unusable files and reports them, and a
+            file that still fails when loaded makes the item ``None`` (dropped by
+            `skip_none_collate`) with a `SkippedImageWarning`; ``"error"``: `scan` raises
+            listing every bad file, and a load failure raises.
+        allow_empty_classes: keep a class whose folder has no (usable) image instead of raising.
+        max_pixels: largest accepted width x height of an image (see `tlkit.load_image`).
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
-        ValueError: no class folders, an unknown class folder, a class folder without images.
+        ValueError: no class folders, an unknown class folder, a class folder without images
+            (naming it; unless ``allow_empty_classes``), an unknown ``bad_images`` mode.
     """
 
     def __init__(
@@ -66,10 +82,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         classes: Sequence[str] | None = None,
         transform: Callable | None = None,
         allow_missing_classes: bool = False,
+        *,
+        bad_images: Literal["skip", "error"] = "skip",
+        allow_empty_classes: bool = False,
+        max_pixels: int | None = MAX_PIXELS,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
+        if bad_images not in ("skip", "error"):
+            raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             raise ValueError(f"{self.root}: no class folders (expected root/<class>/<image>)")
@@ -84,17 +106,56 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root}: no folder for class(es) {missing}")
         self.classes: list[str] = classes
         self.transform = transform
+        self.bad_images = bad_images
+        self.allow_empty_classes = allow_empty_classes
+        self.max_pixels = max_pixels
         self.samples: list[tuple[Path, int]] = []
+        self.ignored: list[Path] = []
+        self.scan_report: ScanReport | None = None
         for index, name in enumerate(classes):
             if name not in folders:
                 continue
-            files = sorted(
-                p for p in (self.root / name).iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
-            if not files:
-                raise ValueError(f"{self.root / name}: class folder holds no images")
-            self.samples += [(p, index) for p in files]
+            files = sorted(p for p in (self.root / name).iterdir() if p.is_file())
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+            self.ignored += sorted(set(files) - set(images))
+            if not images and not allow_empty_classes:
+                raise ValueError(
+                    f"{self.root / name}: class folder holds no images (suffixes {sorted(IMAGE_EXTENSIONS)}, "
+                    "any case); add images, remove the folder, or pass allow_empty_classes=True"
+                )
+            self.samples += [(p, index) for p in images]
+
+    def scan(self) -> ScanReport:
+        """Decode every sample once and drop the files that cannot be used.
+
+        Runs once per dataset (`FineTuner.fit` calls it before training unless
+        ``scan_report`` is already set); the result is kept in ``scan_report``. Costs one full
+        decode per file.
+
+        Returns:
+            The `ScanReport`: every bad file with its path and reason, the ignored non-image
+            files, classes left empty.
+
+        Raises:
+            BadImageError: ``bad_images="error"`` and some file is bad (the message lists all).
+            ValueError: a class that had images has none left, naming its folder (unless
+                ``allow_empty_classes``).
+        """
+        bad = find_bad_images([p for p, _ in self.samples], max_pixels=self.max_pixels)
+        report = ScanReport(self.root, checked=len(self.samples), bad=bad, ignored=list(self.ignored))
+        if bad and self.bad_images == "error":
+            raise BadImageError(f"{self.root}: {len(bad)} unusable image file(s) (bad_images='error'):\n"
+                                + report.summary())
+        bad_paths = {b.path for b in bad}
+        before = {label for _, label in self.samples}
+        self.samples = [(p, label) for p, label in self.samples if p not in bad_paths]
+        after = {label for _, label in self.samples}
+        report.empty_classes = [self.classes[i] for i in sorted(before - after)]
+        if report.empty_classes and not self.allow_empty_classes:
+            folders = [str(self.root / c) for c in report.empty_classes]
+            raise ValueError(f"no usable image left in class folder(s) {folders}:\n" + report.summary())
+        self.scan_report = report
+        return report
 
     @property
     def targets(self) -> list[int]:
@@ -104,9 +165,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        """The item at ``index``; ``None`` if its file fails to load and ``bad_images="skip"``.
+
+        Raises:
+            BadImageError: the file fails to load and ``bad_images="error"``.
+        """
         path, label = self.samples[index]
-        image = load_image(path)
+        try:
+            image = load_image(path, max_pixels=self.max_pixels)
+        except BadImageError as e:
+            if self.bad_images == "error":
+                raise
+            # Changed or damaged since the scan: drop this sample, keep the epoch going.
+            warnings.warn(f"skipped: {e}", SkippedImageWarning, stacklevel=2)
+            return None
         return (self.transform(image) if self.transform else image), label
 
     def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
@@ -171,9 +244,10 @@ def load_datasets(config: DatasetConfig) -> tuple[ImageFolderDataset, ImageFolde
     """
     if config.root is None:
         raise ValueError("data.root is not set: give the folder that holds one sub-folder per class")
-    full = ImageFolderDataset(config.root, classes=config.classes)
+    options = dict(bad_images=config.bad_images, allow_empty_classes=config.allow_empty_classes)
+    full = ImageFolderDataset(config.root, classes=config.classes, **options)
     if config.val_root is not None:
-        return full, ImageFolderDataset(config.val_root, classes=full.classes, allow_missing_classes=True)
+        return full, ImageFolderDataset(config.val_root, classes=full.classes, allow_missing_classes=True, **options)
     return stratified_split(full, config.val_fraction, config.split_seed)
 
 

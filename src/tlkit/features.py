@@ -75,7 +75,10 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     batches = progress(loader) if progress else loader
-    for x, y in batches:
+    for batch in batches:
+        if batch is None:  # every file of the batch failed to load (see tlkit.data.skip_none_collate)
+            continue
+        x, y = batch
         with autocast():
             f = model.forward_head(model.forward_features(to_device(x)), pre_logits=True)
         feats.append(f.float().cpu())

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,15 +30,17 @@ from tlkit.checkpoint import (
     save_training_state,
 )
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
-from tlkit.data import ImageFolderDataset, create_transforms, load_image
+from tlkit.data import ImageFolderDataset, create_transforms, skip_none_collate
 from tlkit.features import FeatureCache, classifier_is_last_step, extract_features, seeded, weights_digest
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
+from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.metrics import ClassificationMetrics
 
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
 _LOWER_IS_BETTER = {"val_loss"}
+_RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 
 
 @dataclass
@@ -267,6 +270,7 @@ class FineTuner:
             drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
+            collate_fn=skip_none_collate,  # a file that fails to load costs a sample, not the epoch
         )
 
     def _build_optimizer(self, epoch: int) -> None:
@@ -298,16 +302,21 @@ class FineTuner:
         At the start of every epoch the `FreezePolicy` is applied; at a phase boundary
         newly unfrozen parameters join the optimizer with their own learning rate while the
         others keep their state. The learning rate follows a linear warm-up then cosine decay,
-        per optimizer step. With ``output_dir`` set, each epoch writes ``last.safetensors`` and
-        ``last.state.pt`` (resume state), ``best.safetensors`` when ``config.best_metric``
-        improves, and ``metrics.jsonl``.
+        per optimizer step. With ``output_dir`` set, each epoch writes ``last.state.pt`` (the
+        resume state, weights included, one atomic file) first, then ``last.safetensors``,
+        ``best.safetensors`` when ``config.best_metric`` improves, and ``metrics.jsonl``.
+
+        Before anything else, every `ImageFolderDataset` not scanned yet is scanned
+        (`ImageFolderDataset.scan`): with ``bad_images="skip"`` unusable files are dropped and
+        the report is printed to stderr, with ``"error"`` the scan raises before training.
 
         Args:
             train: an `ImageFolderDataset` (the training transform is applied), or a
                 dataset yielding ``(float32 tensor (3, H, W), int label)``.
             val: the same kinds, evaluated with the eval transform; ``None`` skips validation.
-            resume: ``True`` to continue from ``output_dir/last.state.pt``, or a path to a
-                ``.state.pt`` file.
+            resume: ``True`` to continue from ``output_dir/last.state.pt`` (when the folder holds
+                no run files at all, as after a crash in the first epoch, training starts at
+                epoch 0), or a path to a ``.state.pt`` file.
 
         Returns:
             One dict per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``top1``,
@@ -317,14 +326,22 @@ class FineTuner:
 
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
-            FloatingPointError: the loss became NaN or infinite (names epoch and step).
-            CheckpointError: the resume state is missing or corrupted.
+            BadImageError: a dataset with ``bad_images="error"`` holds unusable files (lists them).
+            FloatingPointError: the loss became NaN or infinite (names epoch and step). The
+                failing step is not taken (BatchNorm statistics are restored too), and the files
+                of the last completed epoch are left as they were.
+            CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
         """
         with self._cpu_flags():
             return self._fit(train, val, resume)
 
     def _fit(self, train: Any, val: Any, resume: bool | str | Path) -> list[dict[str, Any]]:
         cfg = self.config
+        for data in (train, val):
+            if isinstance(data, ImageFolderDataset) and data.scan_report is None:
+                report = data.scan()
+                if report.bad or report.ignored:
+                    tqdm.write(report.summary(), file=sys.stderr)
         train_ds = self._dataset(train, self.train_transform)
         val_ds = self._dataset(val, self.eval_transform) if val is not None else None
         n_train = len(train_ds.dataset) if isinstance(train_ds, torch.utils.data.DataLoader) else len(train_ds)
@@ -369,16 +386,26 @@ class FineTuner:
                 forward = self.model
                 loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
+            running_stats = _running_stats(self.model)
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-            for x, y in bar:
+            for batch in bar:
+                if batch is None:  # every file of the batch failed to load (bad_images="skip")
+                    continue
+                x, y = batch
                 factor = cosine_lr_factor(self.step, total_steps, warmup_steps, cfg.min_lr_ratio)
                 for g in self.optimizer.param_groups:
                     g["lr"] = cfg.lr * g["lr_scale"] * factor
                 x, y = self._to_device(x), y.to(self.device)
+                # The forward pass updates BatchNorm statistics even when the loss turns out
+                # NaN; keep a copy so a failing step leaves the model as it was.
+                stats_before = [t.clone() for t in running_stats]
                 with self._autocast():
                     logits = forward(x)
                 loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for t, saved in zip(running_stats, stats_before):
+                            t.copy_(saved)
                     raise FloatingPointError(
                         f"loss is {loss.item()} at epoch {epoch} step {self.step}; the last good "
                         f"checkpoint is kept{' in ' + str(self.output_dir) if self.output_dir else ''}"
@@ -452,14 +479,12 @@ class FineTuner:
     def _write_epoch(self, record: dict[str, Any], improved: bool) -> None:
         if self.output_dir is None:
             return
-        out = self.output_dir
-        metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
-        self.save(out / "last.safetensors", metrics=metrics)
-        if improved:
-            self.save(out / "best.safetensors", metrics=metrics)
-        save_training_state(out / "last.state.pt", {
+        # The resume state is one atomic file that holds the weights too, written before
+        # anything else: a kill between any two of these writes leaves a consistent snapshot.
+        save_training_state(self.output_dir / "last.state.pt", {
             "epoch": record["epoch"] + 1,
             "step": self.step,
+            "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": _rng_state(),
@@ -467,22 +492,48 @@ class FineTuner:
             "history": json.dumps(self.history),
             "weights_digest": _digest(self.model),
         })
+        self._write_run_files(best=improved)
+
+    def _write_run_files(self, best: bool) -> None:
+        """``last.safetensors``, ``best.safetensors`` (if ``best``) and ``metrics.jsonl`` from the current state."""
+        out = self.output_dir
+        record = self.history[-1]
+        metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
+        self.save(out / "last.safetensors", metrics=metrics)
+        if best:
+            self.save(out / "best.safetensors", metrics=metrics)
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
 
     def _resume(self, resume: bool | str | Path) -> int:
+        if self.output_dir is not None:
+            # A run killed halfway through an atomic write leaves its temporary file behind.
+            for name in _RUN_FILES:
+                for tmp in self.output_dir.glob(f".{name}.tmp-*"):
+                    tmp.unlink(missing_ok=True)
         if resume is True:
             if self.output_dir is None:
                 raise ValueError("resume=True needs output_dir; pass the path of a .state.pt file instead")
             state_path = self.output_dir / "last.state.pt"
+            if not any((self.output_dir / n).exists() for n in _RUN_FILES):
+                # Killed before the first epoch ended: there is nothing to resume, start over.
+                tqdm.write(f"resume: {self.output_dir} holds no run files yet; starting at epoch 0", file=sys.stderr)
+                return 0
         else:
             state_path = Path(resume)
         state = load_training_state(state_path)
-        weights_path = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
-        weights, _ = load_checkpoint(weights_path)
-        self._load_weights(weights, weights_path)
+        if "model" in state:
+            weights_path = state_path
+            self._load_weights(state["model"], state_path)
+        else:  # written by tlkit 0.1.0: weights in the .safetensors file beside the state
+            weights_path = state_path.with_name(state_path.name.replace(".state.pt", ".safetensors"))
+            weights, _ = load_checkpoint(weights_path)
+            self._load_weights(weights, weights_path)
         if _digest(self.model) != state["weights_digest"]:
-            raise CheckpointError(f"{weights_path} does not belong to {state_path} (weights digest differs)")
+            raise CheckpointError(
+                f"{weights_path}: weights do not match the digest recorded in {state_path} "
+                "(corrupted, or from another epoch)"
+            )
         next_epoch = int(state["epoch"])
         # Replay the phase boundaries already passed so the optimizer's groups are the ones the
         # uninterrupted run had, in the same order; then restore their state.
@@ -501,6 +552,11 @@ class FineTuner:
         self.best = state["best"]
         self.history = json.loads(state["history"])
         _set_rng_state(state["rng"])
+        if self.output_dir is not None and self.history:
+            # A kill may have come after the state but before the files written after it:
+            # write them again from the state.
+            self.epoch = next_epoch - 1
+            self._write_run_files(best=self.best.get("epoch") == next_epoch - 1)
         return next_epoch
 
     # -- evaluation and prediction ------------------------------------------------------------
@@ -523,7 +579,10 @@ class FineTuner:
         was_training = self.model.training
         self.model.eval()
         preds, targets, loss_sum = [], [], 0.0
-        for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+            if batch is None:
+                continue
+            x, y = batch
             with self._autocast():
                 logits = forward(self._to_device(x)).float()
             y = y.to(self.device)
@@ -566,29 +625,43 @@ class FineTuner:
 
         return self.feature_cache.get_or_compute(key, compute)
 
-    def _prepare(self, item: Any) -> torch.Tensor:
+    def _prepare(self, item: Any, max_pixels: int | None, max_bytes: int | None) -> torch.Tensor:
         if isinstance(item, (str, Path)):
-            return self.eval_transform(load_image(item))
+            return self.eval_transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes))
         if isinstance(item, Image.Image):
-            return self.eval_transform(item.convert("RGB"))
+            return self.eval_transform(to_rgb(item))
         if isinstance(item, torch.Tensor) and item.ndim == 3:
             return item
         raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")
 
     @torch.no_grad()
-    def predict(self, inputs: Any, batch_size: int | None = None) -> list[Prediction]:
+    def predict(
+        self,
+        inputs: Any,
+        batch_size: int | None = None,
+        *,
+        max_pixels: int | None = MAX_PIXELS,
+        max_bytes: int | None = MAX_BYTES,
+    ) -> list[Prediction]:
         """Classify images with the saved data config's eval transform (never augmentation).
+
+        Files are treated as untrusted: each is checked against ``max_bytes`` and, from its
+        header, ``max_pixels`` before it is decoded (see `tlkit.load_image`).
 
         Args:
             inputs: a path, a PIL image, a tensor, or a list of them. Tensors are taken as model
-                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised.
+                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images
+                with transparency are composited onto white, as files are.
             batch_size: images per forward pass; default ``config.eval_batch_size``.
+            max_pixels: largest accepted width x height of an image file.
+            max_bytes: largest accepted size of an image file, in bytes.
 
         Returns:
             One `Prediction` per image, in input order.
 
         Raises:
-            ValueError: an image file cannot be read (names it).
+            BadImageError: (a ``ValueError``) an image file is unreadable, truncated, or over a
+                limit (names it and the limit).
             TypeError: an input of an unsupported type.
         """
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
@@ -599,14 +672,16 @@ class FineTuner:
             items = [inputs]
         batch_size = batch_size or self.config.eval_batch_size
         with self._cpu_flags():
-            return self._predict(items, batch_size)
+            return self._predict(items, batch_size, max_pixels, max_bytes)
 
-    def _predict(self, items: list[Any], batch_size: int) -> list[Prediction]:
+    def _predict(
+        self, items: list[Any], batch_size: int, max_pixels: int | None, max_bytes: int | None
+    ) -> list[Prediction]:
         was_training = self.model.training
         self.model.eval()
         out: list[Prediction] = []
         for i in range(0, len(items), batch_size):
-            x = torch.stack([self._prepare(it) for it in items[i:i + batch_size]])
+            x = torch.stack([self._prepare(it, max_pixels, max_bytes) for it in items[i:i + batch_size]])
             with self._autocast():
                 probs = self.model(self._to_device(x)).float().softmax(1).cpu()
             for row in probs:
@@ -642,8 +717,18 @@ class FineTuner:
         """Write the model and its metadata to a ``.safetensors`` checkpoint, atomically."""
         return save_checkpoint(path, self.model.state_dict(), self.metadata(metrics))
 
-    def _load_weights(self, state: dict[str, torch.Tensor], path: Path) -> None:
+    def _load_weights(self, state: dict[str, torch.Tensor], path: Path, skip_head: bool = False) -> None:
+        """Load ``state`` into the model; with ``skip_head`` the classifier keeps its initialisation.
+
+        Raises:
+            CheckpointError: a tensor is missing, unexpected or of another shape (names the first
+                ones, in model order, and the file).
+        """
         own = self.model.state_dict()
+        if skip_head:
+            head = tuple(f"{n}." for n in classifier_module_names(self.model))
+            own = {k: v for k, v in own.items() if not k.startswith(head)}
+            state = {k: v for k, v in state.items() if not k.startswith(head)}
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
@@ -651,24 +736,46 @@ class FineTuner:
         if missing or unexpected or shapes:
             raise CheckpointError(
                 f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape mismatches {shapes[:3]}"
+                f"shape mismatches (file vs model) {shapes[:3]}"
             )
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state, strict=not skip_head)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **config_overrides: Any) -> FineTuner:
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        *,
+        classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        adapt_head: bool = False,
+        **config_overrides: Any,
+    ) -> FineTuner:
         """Rebuild a ready model from a checkpoint file or a run folder (its best checkpoint).
 
         Needs no config file, no user code and no network: the backbone is built with
         ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
 
+        To reuse a checkpoint for other classes (a new task from a fine-tuned backbone), pass
+        ``classes`` (or ``num_classes``) with ``adapt_head=True``: the backbone weights are
+        loaded and a new head of the stored head config is initialised for the new classes
+        (PyTorch's default initialisation, seeded by the stored ``TrainConfig.seed`` so two
+        loads agree). The head is never adapted silently.
+
         Args:
             path: a ``.safetensors`` checkpoint, or a run folder.
             device: where to put the model.
+            classes: class names in index order; default the checkpoint's.
+            num_classes: a class count instead of ``classes`` (names ``"0"``, ``"1"``... unless it
+                equals the checkpoint's count, which keeps the stored names).
+            adapt_head: allow ``classes`` / ``num_classes`` to differ from the checkpoint's.
             config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``).
 
         Raises:
-            CheckpointError: missing, corrupted, or weights that do not fit the stored backbone.
+            CheckpointError: missing or corrupted file; other classes without ``adapt_head``;
+                backbone weights that do not fit the stored backbone (always, naming the first
+                mismatching tensors).
+            ValueError: ``classes`` and ``num_classes`` disagree.
         """
         path = resolve_checkpoint(path)
         state, meta = load_checkpoint(path)
@@ -676,20 +783,43 @@ class FineTuner:
             backbone = BackboneConfig(name=meta["backbone"]["name"], pretrained=False,
                                       model_kwargs=meta["backbone"]["model_kwargs"])
             head = HeadConfig(**meta["head"])
-            classes = list(meta["classes"])
+            stored = list(meta["classes"])
             train_cfg = TrainConfig(**{**meta["train_config"], "device": device, **config_overrides})
             policy = FreezePolicy(**meta["freeze_policy"])
             augment = AugmentConfig(**meta["augment"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: incomplete or invalid metadata ({type(e).__name__}: {e})") from e
+        if classes is not None:
+            wanted = list(classes)
+            if num_classes is not None and num_classes != len(wanted):
+                raise ValueError(f"num_classes={num_classes} but {len(wanted)} classes were given: {wanted}")
+        elif num_classes is not None:
+            wanted = stored if num_classes == len(stored) else [str(i) for i in range(num_classes)]
+        else:
+            wanted = stored
+        new_head = wanted != stored
+        if new_head and not adapt_head:
+            raise CheckpointError(
+                f"{path}: the checkpoint's head predicts {len(stored)} classes {stored}, not the {len(wanted)} "
+                f"asked for {wanted}; pass adapt_head=True to load the backbone and initialise a new head"
+            )
+        if new_head:
+            head = head.model_copy(update={"num_classes": len(wanted)})
         model = create_backbone(backbone)
-        HeadReplacer.from_config(head).apply(model)
-        tuner = cls(model, classes, policy=policy, config=train_cfg, data_config=meta["data_config"],
+        with seeded(train_cfg.seed)():  # a new head is initialised the same way on every load
+            HeadReplacer.from_config(head).apply(model)
+        tuner = cls(model, wanted, policy=policy, config=train_cfg, data_config=meta["data_config"],
                     augment=augment, backbone=backbone, head=head)
-        tuner._load_weights(state, path)
-        tuner.epoch = int(meta.get("epoch", 0))
+        tuner._load_weights(state, path, skip_head=new_head)
+        tuner.epoch = 0 if new_head else int(meta.get("epoch", 0))
         tuner.model.eval()
         return tuner
+
+
+def _running_stats(model: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm buffers a training forward pass changes (running mean, variance, count)."""
+    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
 
 
 def _digest(model: nn.Module) -> str:
