@@ -93,14 +93,7 @@ def test_resume_across_an_unfreeze_boundary_is_bit_identical(data, tmp_path, mon
     full.fit(train, val)
 
     # The same run dies right after writing the checkpoint of epoch `crash_after`.
-    write = FineTuner._write_epoch
-
-    def write_then_crash(self, record, improved):
-        write(self, record, improved)
-        if record["epoch"] == crash_after:
-            raise Crash
-
-    monkeypatch.setattr(FineTuner, "_write_epoch", write_then_crash)
+    _crash_after_epoch(monkeypatch, crash_after)
     with pytest.raises(Crash):
         tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3).fit(train, val)
     monkeypatch.undo()
