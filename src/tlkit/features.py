@@ -22,20 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlkit.checkpoint import atomic_write_bytes
+from tlkit.checkpoint import atomic_write_bytes, tensors_sha256
 
 __all__ = ["FeatureCache", "extract_features", "weights_digest", "classifier_is_last_step"]
 
 
 def weights_digest(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
-    """sha256 (hex) of the model's ``state_dict`` bytes, skipping names that start with ``exclude``."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.startswith(exclude):
-            continue
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """`tlkit.checkpoint.tensors_sha256` of the model's ``state_dict``, skipping names that start with ``exclude``."""
+    return tensors_sha256({k: v for k, v in model.state_dict().items() if not k.startswith(exclude)})
 
 
 @torch.no_grad()
