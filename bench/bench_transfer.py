@@ -8,8 +8,10 @@ JSON with --json. Nothing here is asserted: numbers depend on the machine.
 
 "Plain" means what a careful user writes by hand with timm: float32, NCHW, the backbone
 recomputed every epoch with ``requires_grad=False`` and in eval mode for a linear probe; for the
-partial fine-tune, the optimizer gets only the last stages but nothing is marked frozen (the
-usual hand-rolled version), so autograd keeps the activations of every stage.
+partial fine-tune, ``requires_grad=False`` on every parameter before the last two stages (so
+autograd already skips the frozen prefix). A third, careless variant is measured too: the
+optimizer gets only the last stages but nothing is marked frozen, so autograd keeps the
+activations of every stage.
 """
 
 from __future__ import annotations
@@ -60,14 +62,14 @@ def model_and_tuner(classes, policy, epochs, fast: bool, **train):
     torch.manual_seed(0)
     model = HeadReplacer(len(classes)).apply(create_backbone(BACKBONE))
     train = {"lr": 1e-3, **train}
-    cfg = TrainConfig(epochs=epochs, batch_size=32, eval_batch_size=64, warmup_epochs=0,
-                      progress=False, precision="auto" if fast else "fp32", channels_last=fast, **train)
+    cfg = TrainConfig(**{"epochs": epochs, "batch_size": 32, "eval_batch_size": 64, "warmup_epochs": 0,
+                         "progress": False, "precision": "auto" if fast else "fp32", "channels_last": fast, **train})
     return FineTuner(model, classes, policy=policy, config=cfg)
 
 
 # -- plain loops --------------------------------------------------------------------------------
 def plain_fit(model: nn.Module, params, train, val, epochs: int, transform, eval_transform, frozen_eval: bool,
-              lr: float = 1e-3):
+              lr: float = 1e-3, bn_eval: bool = False):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(train.with_transform(transform), batch_size=32, shuffle=True,
                                          generator=torch.Generator().manual_seed(0), drop_last=True)
@@ -78,6 +80,10 @@ def plain_fit(model: nn.Module, params, train, val, epochs: int, transform, eval
         if frozen_eval:
             model.eval()
             model.get_classifier().train()
+        if bn_eval:  # the offline weights have BatchNorm folded in: keep it in eval mode
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         for x, y in loader:
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -114,14 +120,22 @@ def _memory_child(mode: str, batch: int) -> None:
     model = HeadReplacer(6).apply(create_backbone(BACKBONE))
     x = torch.randn(batch, 3, 224, 224)
     y = torch.randint(0, 6, (batch,))
-    if mode == "tlkit":
+    if mode == "plain":  # careful hand-rolled: the prefix is marked frozen, fp32, NCHW
+        from tlkit.freeze import parameter_groups
+
+        last = {n for g in parameter_groups(model)[-3:] for n in g.param_names}
+        for n, prm in model.named_parameters():
+            prm.requires_grad_(n in last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        ctx = torch.autocast("cpu", enabled=False)
+    elif mode == "tlkit":
         policy = FreezePolicy.freeze_to(-3, batchnorm="frozen")  # last two stages + head
         policy.apply(model)
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
         ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    else:
+    else:  # "careless": nothing marked frozen, the optimizer just gets the last stages
         from tlkit.freeze import parameter_groups
 
         last = {n for g in parameter_groups(model)[-3:] for n in g.param_names}
@@ -135,7 +149,7 @@ def _memory_child(mode: str, batch: int) -> None:
         saved.append(t.numel() * t.element_size())
         return t
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _reset_peak_rss()
     for _ in range(2):
         saved.clear()
         with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -143,15 +157,37 @@ def _memory_child(mode: str, batch: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_delta_bytes": (peak - base) * 1024, "saved_bytes": sum(saved)}))
+    print(json.dumps({"peak_delta_bytes": _peak_rss() - base, "saved_bytes": sum(saved)}))
 
 
-def peak_memory(mode: str, batch: int = 32) -> int:
-    """Bytes of activations autograd keeps for backward in one step (the peak's main term)."""
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: clear_refs 5) and return the current RSS, bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status("VmRSS")
+    except OSError:  # not Linux: the lifetime peak (may already exceed what the steps need)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    try:
+        return _proc_status("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(mode: str, batch: int = 32) -> dict[str, int]:
+    """Bytes autograd keeps for backward in one step, and the growth of the peak RSS, in bytes."""
     out = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--batch", str(batch)],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["saved_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -195,19 +231,26 @@ def main() -> None:
     print(json.dumps(rows["linear probe"]), flush=True)
 
     # 2. full fine-tune
-    ft = model_and_tuner(classes, FreezePolicy.full_finetune(), a.ft_epochs, fast=True)
+    # BatchNorm is folded into these weights (see examples/garbage/weights/README.md), so both
+    # sides keep it in eval mode with its affine parameters fixed; everything else trains.
+    ft = model_and_tuner(classes, FreezePolicy.full_finetune(batchnorm="frozen"), a.ft_epochs, fast=True, lr=1e-4)
     hist = ft.fit(train, val)
     tl_ips = sum(h["images_per_s"] * h["seconds"] for h in hist) / sum(h["seconds"] for h in hist)
     plain_model = model_and_tuner(classes, FreezePolicy.full_finetune(), 1, fast=False).model
-    _, pl_ips, pl_top1 = plain_fit(plain_model, plain_model.parameters(), train, val, a.ft_epochs,
-                                   ft.train_transform, ft.eval_transform, frozen_eval=False, lr=1e-4)
+    bn = {n for m_name, m in plain_model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+          for n in (f"{m_name}.weight", f"{m_name}.bias")}
+    for n, prm in plain_model.named_parameters():
+        prm.requires_grad_(n not in bn)
+    _, pl_ips, pl_top1 = plain_fit(plain_model, [p for p in plain_model.parameters() if p.requires_grad], train,
+                                   val, a.ft_epochs, ft.train_transform, ft.eval_transform, frozen_eval=False,
+                                   lr=1e-4, bn_eval=True)
     rows["full fine-tune"] = {"plain_img_s": pl_ips, "tlkit_img_s": tl_ips, "speedup": tl_ips / pl_ips,
                               "plain_top1": pl_top1, "tlkit_top1": hist[-1]["top1"]}
     print(json.dumps(rows["full fine-tune"]), flush=True)
 
     # 3. partial fine-tune peak memory
-    pm, tm = peak_memory("plain"), peak_memory("tlkit")
-    rows["partial fine-tune memory"] = {"plain_bytes": pm, "tlkit_bytes": tm, "ratio": tm / pm}
+    mem = {m: peak_memory(m) for m in ("careless", "plain", "tlkit")}
+    rows["partial fine-tune memory"] = {f"{m}_{k}": v for m, d in mem.items() for k, v in d.items()}
     print(json.dumps(rows["partial fine-tune memory"]), flush=True)
 
     # 4. predict
@@ -233,7 +276,7 @@ def main() -> None:
         t0 = time.perf_counter()
         lp.fit(tr)
         lp_s = time.perf_counter() - t0
-        f1 = model_and_tuner(classes, FreezePolicy.full_finetune(), 1, fast=True)
+        f1 = model_and_tuner(classes, FreezePolicy.full_finetune(batchnorm="frozen"), 1, fast=True, lr=1e-4)
         t0 = time.perf_counter()
         f1.fit(tr)
         rows[f"scaling {n}"] = {"train_images": len(tr), "linear_probe_s": lp_s,
@@ -249,7 +292,10 @@ def main() -> None:
     print(f"| full fine-tune (img/s) | {r['plain_img_s']:.1f} | {r['tlkit_img_s']:.1f} | {r['speedup']:.1f}x |")
     print(f"| full fine-tune val top-1 after {a.ft_epochs} epochs | {r['plain_top1']:.3f} | {r['tlkit_top1']:.3f} | |")
     r = rows["partial fine-tune memory"]
-    print(f"| partial fine-tune activations kept for backward (MB) | {r['plain_bytes'] / 2**20:.0f} | {r['tlkit_bytes'] / 2**20:.0f} | {r['ratio']:.2f}x |")
+    for k, what in (("saved_bytes", "activations kept for backward"), ("peak_delta_bytes", "peak RSS growth")):
+        mb = {m: r[f"{m}_{k}"] / 2**20 for m in ("careless", "plain", "tlkit")}
+        print(f"| partial fine-tune {what} (MB) | {mb['plain']:.0f} | {mb['tlkit']:.0f} | {mb['tlkit'] / mb['plain']:.2f}x |")
+        print(f"| same, plain without requires_grad=False on the prefix (MB) | {mb['careless']:.0f} | {mb['tlkit']:.0f} | {mb['tlkit'] / mb['careless']:.2f}x |")
     r = rows["predict"]
     print(f"| predict (img/s) | {r['plain_img_s']:.1f} | {r['tlkit_img_s']:.1f} | {r['speedup']:.1f}x |")
     if a.json:

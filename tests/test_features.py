@@ -91,3 +91,15 @@ def test_frozen_prefix_keeps_no_autograd_graph():
     for h in hooks:
         h.remove()
     assert flags == {"conv1": False, "layer1": False, "layer2": False, "layer3": False, "layer4": True, "fc": True}
+
+
+def test_jpeg_draft_is_part_of_the_cache_key_and_can_be_turned_off(data, tmp_path):
+    train, _ = data
+    drafted = tiny_tuner(CLASSES, feature_cache=True, feature_cache_dir=tmp_path / "cache")
+    full = tiny_tuner(CLASSES, feature_cache=True, feature_cache_dir=tmp_path / "cache", jpeg_draft=False)
+    assert (drafted.draft_size, full.draft_size) == (73, None)
+    a, _ = drafted.cached_features(train)
+    b, _ = full.cached_features(train)
+    assert full.feature_cache.misses == 1 and full.feature_cache.hits == 0
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)  # same images, slightly different pixels

@@ -62,7 +62,10 @@ def test_predict_uses_the_eval_transform(data, tmp_path):
     assert p1 == p2  # no random augmentation
     from tlkit import load_image
 
-    x = tuner.eval_transform(load_image(path))[None]
+    # floor(64 / 0.875) = 73: the shipped 256 x 341 photos decode at half size (128 x 170)
+    assert tuner.draft_size == 73
+    assert load_image(path, draft_size=73).size == (128, 171)
+    x = tuner.eval_transform(load_image(path, draft_size=73))[None]
     with torch.no_grad():
         expected = tuner.model.eval()(x).softmax(1)[0]
     assert p1.probabilities == pytest.approx({c: float(v) for c, v in zip(CLASSES, expected)}, abs=1e-6)
@@ -411,3 +414,13 @@ def test_the_same_seed_gives_bit_identical_history_and_weights_on_cpu(data):
     assert run(seed=1)[0] != history  # the seed drives shuffling and augmentation
     # DataLoader worker processes are seeded from the loader's seeded generator
     assert run(num_workers=2)[0] == run(num_workers=2)[0]
+
+
+def test_compile_trains_the_same_model_through_torch_compile(data):
+    train, _ = data
+    eager = tiny_tuner(CLASSES, epochs=1)
+    compiled = tiny_tuner(CLASSES, epochs=1, compile=True)
+    h_eager, h_compiled = eager.fit(train), compiled.fit(train)
+    assert compiled._compiled is not None and eager._compiled is None
+    assert h_compiled[0]["train_loss"] == pytest.approx(h_eager[0]["train_loss"], rel=1e-4)
+    torch.testing.assert_close(compiled.model.fc.weight, eager.model.fc.weight, atol=1e-4, rtol=1e-3)

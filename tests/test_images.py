@@ -251,3 +251,28 @@ def test_predict_bounds_pixels_and_bytes_of_untrusted_files(tmp_path):
     clear = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
     white = Image.new("RGB", (64, 64), (255, 255, 255))
     assert tuner.predict(clear)[0].probabilities == tuner.predict(white)[0].probabilities
+
+
+def test_draft_decodes_large_jpegs_at_reduced_scale_with_nearly_the_same_eval_input(tmp_path):
+    from tlkit import create_transforms
+
+    photo = Image.open(sorted((SAMPLE / "glass").iterdir())[0]).convert("RGB")
+    assert photo.size == (256, 341)
+    big = tmp_path / "big.jpg"
+    photo.resize((1024, 1364), Image.BICUBIC).save(big, quality=92)
+    png = tmp_path / "big.png"
+    photo.resize((1024, 1364), Image.BICUBIC).save(png)
+    # 1024 // 256 = 4 and 1364 // 256 = 5: libjpeg decodes at 1/4, both sides still >= 256
+    assert load_image(big, draft_size=256).size == (256, 341)
+    assert load_image(big, draft_size=300).size == (512, 682)  # 1/4 would leave 256 < 300
+    assert load_image(big).size == (1024, 1364)
+    assert load_image(png, draft_size=256).size == (1024, 1364)  # only JPEG has DCT scaling
+    small = sorted((SAMPLE / "glass").iterdir())[0]
+    assert load_image(small, draft_size=256).size == (256, 341)  # under 2x: decoded in full
+    cfg = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
+           "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    _, evaluation = create_transforms(cfg)
+    full, draft = evaluation(load_image(big)), evaluation(load_image(big, draft_size=256))
+    assert full.shape == draft.shape == (3, 224, 224)
+    assert not torch.equal(full, draft)
+    assert float((full - draft).abs().mean()) < 0.005  # inputs span [-1, 1]

@@ -16,7 +16,14 @@ from tlkit.config import (
     RunConfig,
     TrainConfig,
 )
-from tlkit.data import ImageFolderDataset, create_transforms, load_datasets, skip_none_collate, stratified_split
+from tlkit.data import (
+    ImageFolderDataset,
+    create_transforms,
+    eval_resize_size,
+    load_datasets,
+    skip_none_collate,
+    stratified_split,
+)
 from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
 from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
@@ -68,6 +75,7 @@ __all__ = [
     "cosine_lr_factor",
     "create_backbone",
     "create_transforms",
+    "eval_resize_size",
     "extract_features",
     "find_bad_images",
     "load_checkpoint",

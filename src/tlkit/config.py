@@ -170,6 +170,13 @@ class TrainConfig(StrictModel):
     )
     channels_last: bool | None = Field(None, description="None: on for convolutional models.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    jpeg_draft: bool = Field(
+        True,
+        description="Eval, feature extraction and predict: decode JPEGs at 1/2, 1/4 or 1/8 scale "
+        "(libjpeg DCT scaling) when the shorter side stays at least the eval resize size. "
+        "Training augmentation always decodes in full.",
+    )
+    compile: bool = Field(False, description="Train and evaluate through torch.compile(model) (slow first steps).")
     flush_denormal: bool = Field(
         True, description="On CPU, flush subnormal floats to zero during fit/evaluate/predict (restored after)."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "stratified_split",
     "load_datasets",
     "create_transforms",
+    "eval_resize_size",
 ]
 
 
@@ -109,6 +111,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.bad_images = bad_images
         self.allow_empty_classes = allow_empty_classes
         self.max_pixels = max_pixels
+        self.draft_size: int | None = None  # see with_transform
         self.samples: list[tuple[Path, int]] = []
         self.ignored: list[Path] = []
         self.scan_report: ScanReport | None = None
@@ -173,7 +176,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """
         path, label = self.samples[index]
         try:
-            image = load_image(path, max_pixels=self.max_pixels)
+            image = load_image(path, max_pixels=self.max_pixels, draft_size=self.draft_size)
         except BadImageError as e:
             if self.bad_images == "error":
                 raise
@@ -188,10 +191,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         out.samples = [self.samples[i] for i in indices]
         return out
 
-    def with_transform(self, transform: Callable | None) -> ImageFolderDataset:
-        """A shallow copy with another transform (the samples list is shared, not copied)."""
+    def with_transform(self, transform: Callable | None, draft_size: int | None = None) -> ImageFolderDataset:
+        """A shallow copy with another transform (the samples list is shared, not copied).
+
+        Args:
+            transform: maps a PIL RGB image to the model input.
+            draft_size: passed to `tlkit.load_image`: JPEGs are decoded at reduced scale while
+                both sides stay at least this many pixels. Only for an eval transform that
+                resizes the shorter side to ``draft_size`` or less; ``None`` decodes in full.
+        """
         out = copy.copy(self)
         out.transform = transform
+        out.draft_size = draft_size
         return out
 
     def class_counts(self) -> dict[str, int]:
@@ -249,6 +260,17 @@ def load_datasets(config: DatasetConfig) -> tuple[ImageFolderDataset, ImageFolde
     if config.val_root is not None:
         return full, ImageFolderDataset(config.val_root, classes=full.classes, allow_missing_classes=True, **options)
     return stratified_split(full, config.val_fraction, config.split_seed)
+
+
+def eval_resize_size(data_config: dict[str, Any]) -> int:
+    """Shortest side, in pixels, timm's eval transform resizes an image to before cropping.
+
+    ``floor(min(H, W) / crop_pct)`` as in ``timm.data.transforms_imagenet_eval``: the smallest
+    decode size (see `tlkit.load_image`'s ``draft_size``) that leaves the eval pipeline's input
+    resolution unchanged.
+    """
+    _, h, w = data_config["input_size"]
+    return math.floor(min(h, w) / (data_config.get("crop_pct") or 0.875))
 
 
 def create_transforms(

@@ -30,7 +30,7 @@ from tlkit.checkpoint import (
     save_training_state,
 )
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
-from tlkit.data import ImageFolderDataset, create_transforms, skip_none_collate
+from tlkit.data import ImageFolderDataset, create_transforms, eval_resize_size, skip_none_collate
 from tlkit.features import FeatureCache, classifier_is_last_step, extract_features, seeded, weights_digest
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
@@ -210,6 +210,8 @@ class FineTuner:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
+        self.draft_size = eval_resize_size(self.data_config) if self.config.jpeg_draft else None
+        self._compiled: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and self.device.type == "cuda" else None
         self.step = 0
@@ -255,8 +257,16 @@ class FineTuner:
         if isinstance(data, ImageFolderDataset):
             if data.classes != self.classes:
                 raise ValueError(f"dataset classes {data.classes} differ from the model's classes {self.classes}")
-            return data.with_transform(transform)
+            return data.with_transform(transform, self.draft_size if transform is self.eval_transform else None)
         return data
+
+    def _forward_module(self) -> nn.Module:
+        """The model, or its ``torch.compile`` wrapper (same parameters) with ``config.compile``."""
+        if not self.config.compile:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
         if isinstance(dataset, torch.utils.data.DataLoader):
@@ -383,7 +393,7 @@ class FineTuner:
                 loader = self._loader(torch.utils.data.TensorDataset(*self.cached_features(train, view)),
                                       cfg.batch_size, shuffle=True, epoch=epoch)
             else:
-                forward = self.model
+                forward = self._forward_module()
                 loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
             running_stats = _running_stats(self.model)
@@ -572,7 +582,7 @@ class FineTuner:
         dataset = self._dataset(data, self.eval_transform)
         loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
         with self._cpu_flags():
-            return self._evaluate_loader(loader, self.model)
+            return self._evaluate_loader(loader, self._forward_module())
 
     @torch.no_grad()
     def _evaluate_loader(self, loader, forward: nn.Module) -> ClassificationMetrics:
@@ -607,7 +617,7 @@ class FineTuner:
             ``(features, labels)``: float32 ``(N, num_features)`` and int64 ``(N,)``, CPU.
         """
         if view is None:
-            transform, desc, ctx = self.eval_transform, f"eval|{self.eval_transform!r}", None
+            transform, desc, ctx = self.eval_transform, f"eval|{self.eval_transform!r}|draft={self.draft_size}", None
         else:
             seed = self.config.seed * 1_000_003 + view
             transform, desc, ctx = self.train_transform, f"train|{self.train_transform!r}|view={view}|seed={seed}", seeded(seed)
@@ -618,7 +628,7 @@ class FineTuner:
         )
 
         def compute():
-            loader = self._loader(data.with_transform(transform), self.config.eval_batch_size, shuffle=False)
+            loader = self._loader(self._dataset(data, transform), self.config.eval_batch_size, shuffle=False)
             bar = (lambda it: tqdm(it, desc="features", leave=False)) if self.config.progress else None
             with ctx() if ctx else contextlib.nullcontext():
                 return extract_features(self.model, loader, self._to_device, self._autocast, bar)
@@ -627,7 +637,8 @@ class FineTuner:
 
     def _prepare(self, item: Any, max_pixels: int | None, max_bytes: int | None) -> torch.Tensor:
         if isinstance(item, (str, Path)):
-            return self.eval_transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes))
+            return self.eval_transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes,
+                                                  draft_size=self.draft_size))
         if isinstance(item, Image.Image):
             return self.eval_transform(to_rgb(item))
         if isinstance(item, torch.Tensor) and item.ndim == 3:

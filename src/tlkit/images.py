@@ -161,6 +161,7 @@ def load_image(
     max_pixels: int | None = MAX_PIXELS,
     max_bytes: int | None = MAX_BYTES,
     background: tuple[int, int, int] = BACKGROUND,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Open an untrusted image file as 8-bit RGB with its EXIF orientation applied.
 
@@ -170,6 +171,11 @@ def load_image(
             ``None`` leaves only PIL's own limit (twice ``Image.MAX_IMAGE_PIXELS``).
         max_bytes: largest accepted file size in bytes; ``None`` for no limit.
         background: RGB colour that transparent pixels are composited onto (see `to_rgb`).
+        draft_size: shortest side, in pixels, the caller will resize to. A JPEG at least twice
+            that size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
+            (PIL ``Image.draft``), the smallest scale that keeps both sides ``>= draft_size``;
+            other formats are decoded in full. ``None`` (default): always full size. Only for
+            a resize-then-crop eval pipeline: the pixels differ slightly from a full decode.
 
     Returns:
         A PIL image in mode ``"RGB"``, fully decoded (independent of the file).
@@ -200,6 +206,8 @@ def load_image(
                         f"{path}: header claims {width}x{height} = {width * height} pixels, over the limit of "
                         f"{max_pixels} (max_pixels; possible decompression bomb); not decoded"
                     )
+                if draft_size is not None:
+                    opened.draft("RGB", (draft_size, draft_size))  # a no-op except for JPEG
                 opened.load()  # decode now, so truncation shows up here and not in a transform
                 try:
                     im = ImageOps.exif_transpose(opened)
