@@ -48,7 +48,7 @@ OFFLINE = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=HERE / "data",
                    help="folder with one sub-folder per class (default: the shipped sample)")
@@ -63,8 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, help="run folder (default: runs/garbage-<recipe>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any RunConfig field after the recipe, e.g. --set train.epochs=20")
+    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
+                   help="also report the best checkpoint with test-time augmentation")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -91,7 +99,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if args.epochs:
         train["epochs"] = args.epochs
         train["warmup_epochs"] = min(config.train.warmup_epochs, args.epochs)
-    return config.model_copy(update={"train": config.train.model_copy(update=train)})
+    config = config.model_copy(update={"train": config.train.model_copy(update=train)})
+    return config.with_overrides(args.set)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     tuner.fit(train, val)
     wall = time.perf_counter() - t0
+    last = tuner.evaluate(val).to_dict()  # the final model: no selection on the validation set
 
     best = FineTuner.load(config.output_dir, progress=False)
     metrics = best.evaluate(val).to_dict()
@@ -116,9 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
         "top1": round(metrics["top1"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "trash_recall": metrics["per_class_recall"].get("trash"),
+        "best_epoch": tuner.best["epoch"],
+        "last_top1": round(last["top1"], 4),
+        "last_macro_f1": round(last["macro_f1"], 4),
+        "last_trash_recall": last["per_class_recall"].get("trash"),
         "train_seconds": round(wall, 1),
         "checkpoint": str(Path(config.output_dir) / "best.safetensors"),
     }
+    if args.tta != "none":
+        m = best.evaluate(val, tta=args.tta).to_dict()
+        summary.update({f"{args.tta}_top1": round(m["top1"], 4), f"{args.tta}_macro_f1": round(m["macro_f1"], 4),
+                        f"{args.tta}_trash_recall": m["per_class_recall"].get("trash")})
     print(json.dumps(summary))
     path, label = val.samples[0]
     pred = best.predict(path)[0]

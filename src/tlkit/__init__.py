@@ -22,6 +22,7 @@ from tlkit.data import (
     eval_resize_size,
     load_datasets,
     skip_none_collate,
+    stratified_kfold,
     stratified_split,
 )
 from tlkit.features import FeatureCache, extract_features
@@ -40,8 +41,11 @@ from tlkit.images import (
     load_image,
     to_rgb,
 )
+from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
+from tlkit.protocol import ProtocolResult, cross_validate, repeat_seeds
 from tlkit.recipes import RECIPES, apply_recipe
+from tlkit.tta import TTA_MODES, tta_log_probs, tta_views
 
 __all__ = [
     "__version__",
@@ -59,22 +63,26 @@ __all__ = [
     "HeadConfig",
     "HeadReplacer",
     "IMAGE_EXTENSIONS",
+    "LRFinderResult",
     "ImageFolderDataset",
     "MAX_BYTES",
     "MAX_PIXELS",
     "ParamGroup",
     "Phase",
     "Prediction",
+    "ProtocolResult",
     "RECIPES",
     "RunConfig",
     "ScanReport",
     "SkippedImageWarning",
+    "TTA_MODES",
     "TaskHead",
     "TrainConfig",
     "apply_recipe",
     "cosine_lr_factor",
     "create_backbone",
     "create_transforms",
+    "cross_validate",
     "eval_resize_size",
     "extract_features",
     "find_bad_images",
@@ -84,9 +92,13 @@ __all__ = [
     "load_weights",
     "parameter_groups",
     "read_state_dict",
+    "repeat_seeds",
     "resolve_data_config",
     "save_checkpoint",
     "skip_none_collate",
+    "stratified_kfold",
     "stratified_split",
     "to_rgb",
+    "tta_log_probs",
+    "tta_views",
 ]

@@ -6,29 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from tlkit.images import MAX_BYTES, MAX_PIXELS
 
 __all__ = ["main"]
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, value = text.partition("=")
+def _parse_override(text: str) -> str:
+    key, sep, _ = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got {text!r}")
-    return key.split("."), yaml.safe_load(value)
-
-
-def _apply_overrides(data: dict, overrides: list[tuple[list[str], Any]]) -> dict:
-    for keys, value in overrides:
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return data
+    return text
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -38,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.recipe:
         config = apply_recipe(config, args.recipe)
     # --set comes last so it can adjust any field a recipe chose.
-    config = RunConfig.model_validate(_apply_overrides(config.model_dump(mode="json"), args.set or []))
+    config = config.with_overrides(args.set or [])
     train, val = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)
     config.to_file(Path(config.output_dir) / "config.yaml")
@@ -80,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 --set data.root=photos")
-    p.add_argument("--recipe", help="apply a named recipe (linear-probe, finetune, scratch) to the config; --set values win")
+    p.add_argument("--recipe", help="apply a named recipe (linear-probe, finetune, finetune-strong, scratch) to the config; --set values win")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.state.pt")
     p.set_defaults(func=_cmd_train)
 

@@ -114,7 +114,24 @@ class AugmentConfig(StrictModel):
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     vflip: float = Field(0.0, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.1, ge=0.0, le=1.0, description="Ignored when auto_augment is set (as in timm).")
+    auto_augment: str | None = Field(
+        None,
+        description="'trivialaugment' (torchvision's TrivialAugmentWide, Mueller & Hutter 2021), or a "
+        "timm policy string: 'rand-m9-mstd0.5-inc1' (RandAugment, Cubuk et al. 2020), 'augmix-m5-w4-d2', "
+        "'original', 'v0'.",
+    )
+    re_prob: float = Field(0.0, ge=0.0, le=1.0, description="Random-erasing probability (timm, Zhong et al. 2020).")
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _known_policy(cls, v: str | None) -> str | None:
+        if v is None or v == "trivialaugment" or v.split("-")[0] in {"rand", "augmix", "original", "originalr", "v0", "v0r", "3a"}:
+            return v
+        raise ValueError(
+            f"unknown auto_augment {v!r}: use 'trivialaugment' or a timm policy string starting with "
+            "'rand-', 'augmix-', 'original', 'v0' or '3a'"
+        )
 
     @field_validator("scale", "ratio")
     @classmethod
@@ -131,6 +148,10 @@ class DatasetConfig(StrictModel):
     val_root: Path | None = Field(None, description="Separate validation folder; disables the split.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Stratified validation share.")
     split_seed: int = Field(0, ge=0)
+    num_folds: int | None = Field(
+        None, ge=2, description="Cross-validation: split into this many stratified folds instead of val_fraction."
+    )
+    fold: int = Field(0, ge=0, description="Which fold is the validation set (with num_folds).")
     classes: list[str] | None = Field(None, description="Class names in index order; default sorted folders.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     bad_images: Literal["skip", "error"] = Field(
@@ -142,6 +163,14 @@ class DatasetConfig(StrictModel):
         False, description="Keep a class whose folder has no usable image instead of failing."
     )
 
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DatasetConfig:
+        if self.num_folds is not None and self.fold >= self.num_folds:
+            raise ValueError(f"fold {self.fold} is out of range for num_folds={self.num_folds}")
+        if self.num_folds is not None and self.val_root is not None:
+            raise ValueError("num_folds and val_root exclude each other")
+        return self
 
 class TrainConfig(StrictModel):
     """Optimisation and loop settings for `tlkit.FineTuner`.
@@ -162,6 +191,22 @@ class TrainConfig(StrictModel):
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
+    mixup_alpha: float = Field(0.0, ge=0.0, description="Mixup Beta(alpha, alpha) (Zhang et al. 2018); 0 = off.")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (Yun et al. 2019); 0 = off.")
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0, description="Share of batches mixed when mixup/cutmix is on.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none",
+        description="Cross-entropy class weights: 'balanced' = n / (num_classes * n_class) over the training "
+        "set (scikit-learn's formula), or one weight per class.",
+    )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Keep an exponential moving average of the weights (timm ModelEmaV3, with warm-up); "
+        "validation, checkpoints and the model after fit use the average.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better best_metric (counted from the last phase boundary)."
+    )
     best_metric: Literal["top1", "macro_f1", "val_loss"] = "top1"
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
@@ -190,6 +235,12 @@ class TrainConfig(StrictModel):
         0, ge=0, description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K)."
     )
     feature_cache_dir: Path | None = Field(None, description="Also keep cached features on disk here.")
+
+    @model_validator(mode="after")
+    def _mixup_needs_even_batches(self) -> TrainConfig:
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
+            raise ValueError(f"mixup/cutmix mix each batch with its reverse: batch_size must be even, got {self.batch_size}")
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:
@@ -232,6 +283,29 @@ class RunConfig(StrictModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: config must be a mapping at the top level, got {type(data).__name__}")
         return cls.model_validate(data)
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+        """A copy with dotted ``KEY=VALUE`` overrides applied, values parsed as YAML.
+
+        Example: ``cfg.with_overrides(["train.epochs=5", "data.augment.auto_augment=trivialaugment"])``.
+
+        Raises:
+            ValueError: an item without ``=``; pydantic ``ValidationError`` (a ``ValueError``)
+                for an unknown key or a bad value, naming the field.
+        """
+        data = self.model_dump(mode="json")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override must be KEY=VALUE (e.g. train.epochs=5), got {item!r}")
+            node = data
+            *parents, last = key.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {item!r}: {k!r} is not a section")
+            node[last] = yaml.safe_load(value)
+        return type(self).model_validate(data)
 
     def to_file(self, path: str | Path) -> Path:
         """Write YAML or JSON by suffix; returns the path."""

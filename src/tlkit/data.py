@@ -27,6 +27,7 @@ __all__ = [
     "ImageFolderDataset",
     "skip_none_collate",
     "stratified_split",
+    "stratified_kfold",
     "load_datasets",
     "create_transforms",
     "eval_resize_size",
@@ -244,11 +245,43 @@ def stratified_split(
     return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
 
 
+def stratified_kfold(
+    dataset: ImageFolderDataset, num_folds: int = 5, fold: int = 0, seed: int = 0
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """Fold ``fold`` of a stratified ``num_folds``-fold cross-validation: ``(train, val)``.
+
+    Each class's sorted file list is shuffled by ``random.Random(seed)`` and dealt round-robin
+    into the folds, so fold sizes per class differ by at most one, every image is in exactly
+    one validation fold, and the folds depend only on the file names and the seed (the
+    protocol of scikit-learn's ``StratifiedKFold(shuffle=True)``).
+
+    Raises:
+        ValueError: ``num_folds < 2`` or ``fold`` outside ``[0, num_folds)``.
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(dataset.samples):
+        by_class.setdefault(label, []).append(i)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label][:]
+        rng.shuffle(idx)
+        for k, i in enumerate(idx):
+            (val_idx if k % num_folds == fold else train_idx).append(i)
+    return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
+
+
 def load_datasets(config: DatasetConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """Train and validation datasets from a `DatasetConfig`.
 
     With ``val_root`` the two folders are used as they are (validation classes matched by name);
-    otherwise ``root`` is split by `stratified_split`.
+    with ``num_folds`` set, fold ``fold`` of `stratified_kfold`; otherwise ``root`` is split by
+    `stratified_split`.
 
     Raises:
         ValueError: ``root`` is not set, or as `ImageFolderDataset`.
@@ -259,6 +292,8 @@ def load_datasets(config: DatasetConfig) -> tuple[ImageFolderDataset, ImageFolde
     full = ImageFolderDataset(config.root, classes=config.classes, **options)
     if config.val_root is not None:
         return full, ImageFolderDataset(config.val_root, classes=full.classes, allow_missing_classes=True, **options)
+    if config.num_folds is not None:
+        return stratified_kfold(full, config.num_folds, config.fold, config.split_seed)
     return stratified_split(full, config.val_fraction, config.split_seed)
 
 
@@ -280,7 +315,8 @@ def create_transforms(
 
     Args:
         data_config: as returned by `tlkit.resolve_data_config`.
-        augment: training augmentation (random-resized crop, flips, colour jitter).
+        augment: training augmentation (random-resized crop, flips, colour jitter, auto-augment,
+            random erasing).
 
     Returns:
         ``(train_transform, eval_transform)``; both map a PIL RGB image to a float32 tensor
@@ -296,6 +332,7 @@ def create_transforms(
         mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]),
     )
+    trivial = augment.auto_augment == "trivialaugment"
     train = create_transform(
         **common,
         is_training=True,
@@ -303,8 +340,19 @@ def create_transforms(
         ratio=tuple(augment.ratio),
         hflip=augment.hflip,
         vflip=augment.vflip,
-        color_jitter=augment.color_jitter if augment.color_jitter > 0 else None,
+        color_jitter=augment.color_jitter if augment.color_jitter > 0 and not trivial else None,
+        auto_augment=None if trivial else augment.auto_augment,
+        re_prob=augment.re_prob,
+        separate=trivial,
     )
+    if trivial:
+        # timm has no TrivialAugment; torchvision's sits between timm's crop/flip and its
+        # to-tensor/normalise stages, where timm puts its own auto-augment.
+        from torchvision import transforms as T
+
+        primary, _, final = train
+        interpolation = T.InterpolationMode.BICUBIC if data_config["interpolation"] == "bicubic" else T.InterpolationMode.BILINEAR
+        train = T.Compose([*primary.transforms, T.TrivialAugmentWide(interpolation=interpolation), *final.transforms])
     evaluation = create_transform(
         **common,
         is_training=False,

@@ -35,7 +35,9 @@ from tlkit.features import FeatureCache, classifier_is_last_step, extract_featur
 from tlkit.freeze import FreezePolicy, cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifier_param_names
 from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
+from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
+from tlkit.tta import tta_log_probs
 
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
@@ -212,6 +214,7 @@ class FineTuner:
         self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
         self.draft_size = eval_resize_size(self.data_config) if self.config.jpeg_draft else None
         self._compiled: nn.Module | None = None
+        self.ema: nn.Module | None = None  # timm ModelEmaV3 while config.ema_decay is set
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and self.device.type == "cuda" else None
         self.step = 0
@@ -282,6 +285,40 @@ class FineTuner:
             pin_memory=self.device.type == "cuda",
             collate_fn=skip_none_collate,  # a file that fails to load costs a sample, not the epoch
         )
+
+    def class_weights(self, train: Any) -> torch.Tensor | None:
+        """The cross-entropy class weights ``config.class_weights`` asks for, or ``None``.
+
+        ``"balanced"``: ``n / (num_classes * n_c)`` over the training labels (scikit-learn's
+        ``compute_class_weight("balanced")``, after King & Zeng 2001); a class without training
+        images gets weight 0.
+
+        Args:
+            train: the training data; ``"balanced"`` reads its ``targets`` (an
+                `ImageFolderDataset`, or any dataset with a ``targets`` list).
+
+        Returns:
+            float32 ``(num_classes,)`` on the model's device, or ``None`` for ``"none"``.
+
+        Raises:
+            ValueError: a weight list of the wrong length, or ``"balanced"`` on data without
+                ``targets``.
+        """
+        spec = self.config.class_weights
+        n_classes = len(self.classes)
+        if spec == "none":
+            return None
+        if isinstance(spec, list):
+            if len(spec) != n_classes:
+                raise ValueError(f"class_weights has {len(spec)} values but there are {n_classes} classes {self.classes}")
+            return torch.tensor(spec, dtype=torch.float32, device=self.device)
+        data = train.dataset if isinstance(train, torch.utils.data.DataLoader) else train
+        targets = getattr(data, "targets", None)
+        if targets is None:
+            raise ValueError('class_weights="balanced" needs training data with a `targets` list (an ImageFolderDataset)')
+        counts = torch.bincount(torch.as_tensor(list(targets)), minlength=n_classes).double()
+        weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+        return weights.float().to(self.device)
 
     def _build_optimizer(self, epoch: int) -> None:
         cfg = self.config
@@ -359,14 +396,22 @@ class FineTuner:
         steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        mixup = None
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            # timm's Mixup smooths the mixed targets itself, so the loss must not smooth again.
+            mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
+                          label_smoothing=cfg.label_smoothing, num_classes=len(self.classes))
+        criterion = nn.CrossEntropyLoss(weight=self.class_weights(train),
+                                        label_smoothing=0.0 if mixup else cfg.label_smoothing)
         _seed_everything(cfg.seed)
         # Fail before any work if the policy is unusable at any phase.
         for e in [0, *self.policy.boundaries()]:
             self.policy.trainable_names(self.model, e)
 
         use_cache = (
-            cfg.feature_cache and isinstance(train, ImageFolderDataset)
+            cfg.feature_cache and mixup is None and isinstance(train, ImageFolderDataset)
             and classifier_is_last_step(self.model, self._to_device(
                 torch.stack([self.eval_transform(load_image(train.samples[0][0]))])))
         )
@@ -376,8 +421,17 @@ class FineTuner:
         self.policy.apply(self.model, 0)
         self._build_optimizer(0)
         self.step, self.best, self.history = 0, {"metric": None, "epoch": None}, []
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            # Warm-up (decay 1 - (1 + step)^-3/4, capped at ema_decay): short fine-tunes have few
+            # steps, and a fixed 0.999 would keep the average near the pretrained weights.
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
         if resume:
             start_epoch = self._resume(resume)
+        if self.history and self.history[-1].get("early_stop"):
+            start_epoch = cfg.epochs  # the resumed run had already stopped early
 
         for epoch in range(start_epoch, cfg.epochs):
             self.epoch = epoch
@@ -406,12 +460,15 @@ class FineTuner:
                 for g in self.optimizer.param_groups:
                     g["lr"] = cfg.lr * g["lr_scale"] * factor
                 x, y = self._to_device(x), y.to(self.device)
+                target = y
+                if mixup is not None and x.shape[0] % 2 == 0:
+                    x, target = mixup(x, y)  # soft targets (B, num_classes)
                 # The forward pass updates BatchNorm statistics even when the loss turns out
                 # NaN; keep a copy so a failing step leaves the model as it was.
                 stats_before = [t.clone() for t in running_stats]
                 with self._autocast():
                     logits = forward(x)
-                loss = criterion(logits.float(), y)
+                loss = criterion(logits.float(), target)
                 if not torch.isfinite(loss):
                     with torch.no_grad():
                         for t, saved in zip(running_stats, stats_before):
@@ -434,6 +491,8 @@ class FineTuner:
                 else:
                     self.optimizer.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
                 total_loss += loss.item() * y.shape[0]
                 seen += y.shape[0]
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -448,23 +507,44 @@ class FineTuner:
                 "cached_features": cached,
             }
             if val_ds is not None:
+                judged = self.ema.module if self.ema is not None else self.model
                 if cached and isinstance(val, ImageFolderDataset):
                     m = self._evaluate_loader(self._loader(torch.utils.data.TensorDataset(
                         *self.cached_features(val, None)), cfg.eval_batch_size, shuffle=False),
-                        self.model.get_classifier())
+                        judged.get_classifier())
                 else:
-                    m = self.evaluate(val_ds)
+                    m = self._evaluate_loader(self._loader(val_ds, cfg.eval_batch_size, shuffle=False),
+                                              judged if self.ema is not None else self._forward_module())
                 record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
                               per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
             self.history.append(record)
             improved = self._is_improvement(record)
             if improved:
                 self.best = {"metric": record[self._best_key], "epoch": epoch}
+            stop = self._early_stop(epoch) if val_ds is not None else False
+            if stop:
+                record["early_stop"] = True
             if cfg.progress:
                 tqdm.write(self._summary(record, improved))
             self._write_epoch(record, improved)
-        self.epoch = cfg.epochs
+            if stop:
+                if cfg.progress:
+                    tqdm.write(f"early stop: no better {self._best_key} for {cfg.early_stopping_patience} epoch(s)")
+                break
+        self.epoch = self.history[-1]["epoch"] + 1 if self.history else cfg.epochs
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
         return self.history
+
+    def _early_stop(self, epoch: int) -> bool:
+        patience = self.config.early_stopping_patience
+        if patience is None:
+            return False
+        # Epochs since the last improvement, counted from the latest phase boundary: a newly
+        # unfrozen phase gets its own patience.
+        since = max([b for b in self.policy.boundaries() if b <= epoch], default=0)
+        best_epoch = self.best["epoch"] if self.best["epoch"] is not None else -1
+        return epoch - max(best_epoch, since - 1) >= patience
 
     @property
     def _best_key(self) -> str:
@@ -501,6 +581,8 @@ class FineTuner:
             "best": self.best,
             "history": json.dumps(self.history),
             "weights_digest": _digest(self.model),
+            "ema": ({k: v.detach().to("cpu") for k, v in self.ema.module.state_dict().items()}
+                    if self.ema is not None else None),
         })
         self._write_run_files(best=improved)
 
@@ -509,9 +591,10 @@ class FineTuner:
         out = self.output_dir
         record = self.history[-1]
         metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
-        self.save(out / "last.safetensors", metrics=metrics)
+        weights = (self.ema.module if self.ema is not None else self.model).state_dict()
+        save_checkpoint(out / "last.safetensors", weights, self.metadata(metrics))
         if best:
-            self.save(out / "best.safetensors", metrics=metrics)
+            save_checkpoint(out / "best.safetensors", weights, self.metadata(metrics))
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
 
@@ -558,6 +641,13 @@ class FineTuner:
             raise CheckpointError(f"{state_path}: optimizer state does not fit this policy ({e})") from e
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(f"{state_path}: holds no EMA weights but config.ema_decay is set")
+            try:
+                self.ema.module.load_state_dict(state["ema"])
+            except RuntimeError as e:
+                raise CheckpointError(f"{state_path}: EMA weights do not fit this model ({e})") from e
         self.step = int(state["step"])
         self.best = state["best"]
         self.history = json.loads(state["history"])
@@ -571,21 +661,131 @@ class FineTuner:
 
     # -- evaluation and prediction ------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, data: Any, batch_size: int | None = None) -> ClassificationMetrics:
+    def evaluate(self, data: Any, batch_size: int | None = None, *, tta: str = "none") -> ClassificationMetrics:
         """Top-1, per-class recall, macro-F1, confusion matrix and mean loss on ``data``.
 
         Args:
             data: an `ImageFolderDataset` with the model's classes (evaluated with the eval
                 transform), a dataset of ``(tensor (3, H, W), label)``, or a DataLoader.
             batch_size: default ``config.eval_batch_size``.
+            tta: test-time augmentation, one of ``"none"``, ``"hflip"``, ``"multi-crop"``
+                (see `tlkit.tta`); the loss is then the NLL of the averaged probabilities.
+
+        Raises:
+            ValueError: empty data, or an unknown ``tta`` mode.
         """
         dataset = self._dataset(data, self.eval_transform)
         loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
         with self._cpu_flags():
-            return self._evaluate_loader(loader, self._forward_module())
+            return self._evaluate_loader(loader, self._forward_module(), tta=tta)
+
+    def lr_find(
+        self,
+        train: Any,
+        *,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_steps: int = 100,
+        epoch: int = 0,
+        diverge: float = 4.0,
+        smoothing: float = 0.98,
+    ) -> LRFinderResult:
+        """Learning-rate range test (Smith, 2017; fastai's ``lr_find``), then restore the model.
+
+        Trains the parameters the freeze policy trains at ``epoch``, with that phase's
+        per-group LR scales (layer-wise decay included), on augmented training batches, while
+        the head group's LR grows exponentially from ``start_lr`` to ``end_lr``. Weights,
+        BatchNorm statistics and random state are put back afterwards; the loop's own
+        optimizer is untouched. Plot the result with `LRFinderResult.plot`.
+
+        Args:
+            train: the training data (as for `fit`).
+            start_lr: first learning rate of the head group.
+            end_lr: last learning rate of the head group.
+            num_steps: mini-batches in the sweep (the data is cycled if shorter).
+            epoch: which phase of the policy to test (e.g. the epoch after an unfreeze).
+            diverge: stop when the smoothed loss exceeds this multiple of its minimum.
+            smoothing: EMA coefficient of the smoothed loss (fastai's 0.98).
+
+        Returns:
+            `LRFinderResult` with the learning rates, losses and the steepest-descent suggestion.
+
+        Raises:
+            ValueError: ``start_lr`` not below ``end_lr``, fewer than 2 steps, or empty data.
+        """
+        if not 0 < start_lr < end_lr:
+            raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        rng, was_training = _rng_state(), self.model.training
+        try:
+            with self._cpu_flags():
+                return self._lr_find(train, start_lr, end_lr, num_steps, epoch, diverge, smoothing)
+        finally:
+            self.model.load_state_dict(saved)
+            for n, prm in self.model.named_parameters():
+                prm.requires_grad_(grads[n])
+                prm.grad = None
+            _set_rng_state(rng)
+            self.model.train(was_training)
+
+    def _lr_find(self, train, start_lr, end_lr, num_steps, epoch, diverge, smoothing) -> LRFinderResult:
+        cfg = self.config
+        self.policy.apply(self.model, epoch)
+        groups = self.policy.param_groups(self.model, epoch, start_lr, cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=start_lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, lr=start_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        criterion = nn.CrossEntropyLoss(weight=self.class_weights(train), label_smoothing=cfg.label_smoothing)
+        dataset = self._dataset(train, self.train_transform)
+        growth = (end_lr / start_lr) ** (1 / (num_steps - 1))
+        result = LRFinderResult(lrs=[], losses=[])
+        avg, best, step = 0.0, math.inf, 0
+        self.model.train()
+        bar = tqdm(total=num_steps, desc="lr_find", leave=False, disable=not cfg.progress)
+        while step < num_steps and not result.diverged:
+            batches = 0
+            for batch in self._loader(dataset, cfg.batch_size, shuffle=True, epoch=step):
+                if batch is None:
+                    continue
+                batches += 1
+                lr = start_lr * growth**step
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                x, y = batch
+                with self._autocast():
+                    logits = self.model(self._to_device(x))
+                loss = criterion(logits.float(), y.to(self.device))
+                if not torch.isfinite(loss):
+                    result.diverged = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                avg = smoothing * avg + (1 - smoothing) * loss.item()
+                smooth = avg / (1 - smoothing ** (step + 1))  # bias correction, as fastai
+                result.lrs.append(lr)
+                result.raw_losses.append(loss.item())
+                result.losses.append(smooth)
+                best = min(best, smooth)
+                step += 1
+                bar.update()
+                if step > 1 and smooth > diverge * best:
+                    result.diverged = True
+                    break
+                if step >= num_steps:
+                    break
+            if batches == 0:
+                raise ValueError("lr_find: the training data gave no batch")
+        bar.close()
+        result.suggestion = LRFinderResult.steepest(result.lrs, result.losses)
+        return result
 
     @torch.no_grad()
-    def _evaluate_loader(self, loader, forward: nn.Module) -> ClassificationMetrics:
+    def _evaluate_loader(self, loader, forward: nn.Module, tta: str = "none") -> ClassificationMetrics:
         was_training = self.model.training
         self.model.eval()
         preds, targets, loss_sum = [], [], 0.0
@@ -593,10 +793,14 @@ class FineTuner:
             if batch is None:
                 continue
             x, y = batch
-            with self._autocast():
-                logits = forward(self._to_device(x)).float()
             y = y.to(self.device)
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            with self._autocast():
+                if tta == "none":
+                    logits = forward(self._to_device(x)).float()
+                    loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                else:
+                    logits = tta_log_probs(forward, self._to_device(x), tta)
+                    loss_sum += nn.functional.nll_loss(logits, y, reduction="sum").item()
             preds.append(logits.argmax(1).cpu())
             targets.append(y.cpu())
         self.model.train(was_training)
@@ -653,6 +857,7 @@ class FineTuner:
         *,
         max_pixels: int | None = MAX_PIXELS,
         max_bytes: int | None = MAX_BYTES,
+        tta: str = "none",
     ) -> list[Prediction]:
         """Classify images with the saved data config's eval transform (never augmentation).
 
@@ -666,6 +871,8 @@ class FineTuner:
             batch_size: images per forward pass; default ``config.eval_batch_size``.
             max_pixels: largest accepted width x height of an image file.
             max_bytes: largest accepted size of an image file, in bytes.
+            tta: test-time augmentation: ``"none"``, ``"hflip"`` or ``"multi-crop"`` (see
+                `tlkit.tta`); probabilities are then averaged over the views.
 
         Returns:
             One `Prediction` per image, in input order.
@@ -674,7 +881,11 @@ class FineTuner:
             BadImageError: (a ``ValueError``) an image file is unreadable, truncated, or over a
                 limit (names it and the limit).
             TypeError: an input of an unsupported type.
+            ValueError: an unknown ``tta`` mode.
         """
+        from tlkit.tta import tta_views
+
+        tta_views(torch.zeros(1, 3, 8, 8), tta)  # fail on a bad mode before decoding anything
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
             items: list[Any] = list(inputs)
         elif isinstance(inputs, (list, tuple)):
@@ -683,10 +894,10 @@ class FineTuner:
             items = [inputs]
         batch_size = batch_size or self.config.eval_batch_size
         with self._cpu_flags():
-            return self._predict(items, batch_size, max_pixels, max_bytes)
+            return self._predict(items, batch_size, max_pixels, max_bytes, tta)
 
     def _predict(
-        self, items: list[Any], batch_size: int, max_pixels: int | None, max_bytes: int | None
+        self, items: list[Any], batch_size: int, max_pixels: int | None, max_bytes: int | None, tta: str = "none"
     ) -> list[Prediction]:
         was_training = self.model.training
         self.model.eval()
@@ -694,7 +905,10 @@ class FineTuner:
         for i in range(0, len(items), batch_size):
             x = torch.stack([self._prepare(it, max_pixels, max_bytes) for it in items[i:i + batch_size]])
             with self._autocast():
-                probs = self.model(self._to_device(x)).float().softmax(1).cpu()
+                if tta == "none":
+                    probs = self.model(self._to_device(x)).float().softmax(1).cpu()
+                else:
+                    probs = tta_log_probs(self.model, self._to_device(x), tta).exp().cpu()
             for row in probs:
                 k = int(row.argmax())
                 out.append(Prediction(self.classes[k], k, float(row[k]),
