@@ -254,9 +254,9 @@ def test_finetune_strong_preset_sets_every_block():
     t, a = cfg.train, cfg.data.augment
     assert (t.epochs, t.lr, t.ema_decay, t.class_weights, t.label_smoothing) == (15, 2e-3, 0.998, "balanced", 0.1)
     assert (a.auto_augment, a.re_prob) == ("trivialaugment", 0.1)
-    assert cfg.freeze.boundaries() == [1]
-    assert cfg.freeze.at(0).depth == -1 and cfg.freeze.at(1).depth == 0
-    assert cfg.freeze.at(1).layer_decay == 0.7 and cfg.freeze.at(1).batchnorm == "frozen"
+    assert cfg.freeze.boundaries() == [2]
+    assert cfg.freeze.at(1).depth == -1 and cfg.freeze.at(2).depth == -5
+    assert cfg.freeze.at(2).layer_decay == 0.6 and cfg.freeze.at(2).batchnorm == "frozen"
     with pytest.raises(ValueError, match="finetune-strong"):
         apply_recipe(RunConfig(), "finetune-stronger")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measure the three recipes on the full TrashNet folder with both offline backbones.
+# Measure the recipes on the full TrashNet folder with both offline backbones.
 # Usage: bash examples/garbage/measure_recipes.sh [DATA_DIR] [OUT_DIR]
 # Prints one JSON summary line per run (val top-1, macro-F1, trash recall, wall time).
 set -euo pipefail
@@ -12,7 +12,9 @@ run() {  # name, then arguments for train.py
 }
 run mnv2-linear-probe  --recipe linear-probe
 run mnv2-finetune      --recipe finetune
+run mnv2-finetune-strong --recipe finetune-strong --tta hflip
 run lite0-linear-probe --recipe linear-probe --backbone tf_efficientnet_lite0 --weights "$LITE0"
 run lite0-finetune     --recipe finetune     --backbone tf_efficientnet_lite0 --weights "$LITE0"
+run lite0-finetune-strong --recipe finetune-strong --tta hflip --backbone tf_efficientnet_lite0 --weights "$LITE0"
 run mnv2-scratch       --recipe scratch
 run lite0-scratch      --recipe scratch      --backbone tf_efficientnet_lite0

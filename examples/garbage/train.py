@@ -8,6 +8,8 @@ small TrashNet sample shipped in ./data, print validation metrics and one predic
 Swap data, recipe or backbone:
 
     python examples/garbage/train.py --data ../shared/data/trashnet --recipe linear-probe
+    python examples/garbage/train.py --data ../shared/data/trashnet --recipe finetune-strong --tta hflip
+    python examples/garbage/train.py --set train.epochs=20 --set data.augment.auto_augment=trivialaugment
     python examples/garbage/train.py --backbone tf_efficientnet_lite0 --weights FILE
     python examples/garbage/train.py --backbone resnet50          # hub weights, needs network
 
