@@ -253,6 +253,7 @@ def test_finetune_strong_preset_sets_every_block():
     cfg = apply_recipe(RunConfig(), "finetune-strong")
     t, a = cfg.train, cfg.data.augment
     assert (t.epochs, t.lr, t.ema_decay, t.class_weights, t.label_smoothing) == (15, 2e-3, 0.998, "balanced", 0.1)
+    assert t.unfreeze_warmup_epochs == 1.0
     assert (a.auto_augment, a.re_prob) == ("trivialaugment", 0.1)
     assert cfg.freeze.boundaries() == [2]
     assert cfg.freeze.at(1).depth == -1 and cfg.freeze.at(2).depth == -5
@@ -271,3 +272,27 @@ def test_with_overrides_parses_yaml_values_and_names_bad_keys():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         RunConfig().with_overrides(["train.epochs"])
     assert math.isclose(json.loads(RunConfig().model_dump_json())["train"]["lr"], 1e-3)
+
+
+def test_unfreeze_warmup_ramps_the_lr_of_groups_that_join(data):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from tlkit import cosine_lr_factor
+
+    train, _ = data
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([(g["group"], g["lr"], g["lr_scale"], "joined_step" in g)
+                                               for g in opt.param_groups]))
+    try:
+        policy = FreezePolicy.linear_probe().then(1, depth=0)
+        tiny_tuner(CLASSES, epochs=2, batch_size=4, lr=1e-2, policy=policy, unfreeze_warmup_epochs=1.0).fit(train)
+    finally:
+        handle.remove()
+    assert len(seen) == 6  # 12 images, batches of 4: 3 steps per epoch
+    for step, groups in enumerate(seen):
+        factor = cosine_lr_factor(step, 6, 0, 0.01)
+        for name, lr, scale, joined in groups:
+            ramp = (step - 3 + 1) / 4 if joined else 1.0  # joined at step 3, over 3 steps
+            assert lr == pytest.approx(1e-2 * scale * factor * ramp), (step, name)
+    assert any(j for _, _, _, j in seen[3]) and not any(j for _, _, _, j in seen[0])

@@ -204,6 +204,11 @@ class TrainConfig(StrictModel):
         description="Keep an exponential moving average of the weights (timm ModelEmaV3, with warm-up); "
         "validation, checkpoints and the model after fit use the average.",
     )
+    unfreeze_warmup_epochs: float = Field(
+        0.0, ge=0.0,
+        description="Parameters that join at a phase boundary ramp their LR linearly from 0 over this many epochs "
+        "(Adam's first steps on newly unfrozen weights are as large as the LR itself).",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many epochs without a better best_metric (counted from the last phase boundary)."
     )

@@ -437,7 +437,10 @@ class FineTuner:
             self.epoch = epoch
             trainable = self.policy.apply(self.model, epoch)
             if epoch in self.policy.boundaries():
+                before = len(self.optimizer.param_groups)
                 self.policy.sync_optimizer(self.optimizer, self.model, epoch, cfg.lr, cfg.weight_decay)
+                for g in self.optimizer.param_groups[before:]:
+                    g["joined_step"] = self.step  # saved with the optimizer state, so resume keeps it
             self.model.train()
             t0 = time.perf_counter()  # includes feature extraction on a cache miss
             cached = use_cache and trainable <= head_names
@@ -458,7 +461,7 @@ class FineTuner:
                 x, y = batch
                 factor = cosine_lr_factor(self.step, total_steps, warmup_steps, cfg.min_lr_ratio)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.lr * g["lr_scale"] * factor
+                    g["lr"] = cfg.lr * g["lr_scale"] * factor * self._join_ramp(g, steps_per_epoch)
                 x, y = self._to_device(x), y.to(self.device)
                 target = y
                 if mixup is not None and x.shape[0] % 2 == 0:
@@ -535,6 +538,14 @@ class FineTuner:
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
         return self.history
+
+    def _join_ramp(self, group: dict[str, Any], steps_per_epoch: int) -> float:
+        """LR factor of a group that joined at a phase boundary: linear from 0 to 1 over
+        ``config.unfreeze_warmup_epochs``; 1 for groups trained from the start."""
+        span = round(self.config.unfreeze_warmup_epochs * steps_per_epoch)
+        if span <= 0 or "joined_step" not in group:
+            return 1.0
+        return min(1.0, (self.step - group["joined_step"] + 1) / (span + 1))
 
     def _early_stop(self, epoch: int) -> bool:
         patience = self.config.early_stopping_patience
