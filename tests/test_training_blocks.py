@@ -296,3 +296,34 @@ def test_unfreeze_warmup_ramps_the_lr_of_groups_that_join(data):
             ramp = (step - 3 + 1) / 4 if joined else 1.0  # joined at step 3, over 3 steps
             assert lr == pytest.approx(1e-2 * scale * factor * ramp), (step, name)
     assert any(j for _, _, _, j in seen[3]) and not any(j for _, _, _, j in seen[0])
+
+
+def test_label_smoothing_is_the_mixture_of_nll_and_the_uniform_cross_entropy(tmp_path):
+    train = ImageFolderDataset(copy_sample(tmp_path / "a", CLASSES, 3))
+    tuner = deterministic(tiny_tuner(CLASSES, epochs=1, batch_size=9, lr=1e-12, label_smoothing=0.3))
+    from tlkit import load_image
+
+    x = torch.stack([tuner.eval_transform(load_image(p, draft_size=tuner.draft_size)) for p, _ in train.samples])
+    y = torch.tensor(train.targets)
+    with torch.no_grad():
+        tuner.model.train()
+        logp = tuner.model(x).log_softmax(1)
+    want = (-(0.7 * logp[torch.arange(9), y] + 0.3 * logp.mean(1))).mean()
+    (record,) = tuner.fit(train)
+    assert record["train_loss"] == pytest.approx(float(want), rel=1e-4)
+    assert abs(float(want) - float(-logp[torch.arange(9), y].mean())) > 1e-3  # smoothing changed it
+
+
+def test_input_resolution_comes_from_the_data_config_override():
+    import timm
+
+    from tlkit import DataConfigOverrides, HeadReplacer, resolve_data_config
+
+    model = HeadReplacer(3).apply(timm.create_model("test_resnet"))
+    cfg = resolve_data_config(model, DataConfigOverrides(input_size=(3, 96, 96), crop_pct=0.875))
+    tuner = FineTuner(model, CLASSES, config=TrainConfig(progress=False), data_config=cfg)
+    from PIL import Image
+
+    im = Image.new("RGB", (300, 200))
+    assert tuner.train_transform(im).shape == tuner.eval_transform(im).shape == (3, 96, 96)
+    assert tuner.draft_size == 109  # floor(96 / 0.875)
