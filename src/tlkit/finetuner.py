@@ -910,21 +910,38 @@ class FineTuner:
     def _predict(
         self, items: list[Any], batch_size: int, max_pixels: int | None, max_bytes: int | None, tta: str = "none"
     ) -> list[Prediction]:
+        from concurrent.futures import ThreadPoolExecutor
+
         was_training = self.model.training
         self.model.eval()
         out: list[Prediction] = []
-        for i in range(0, len(items), batch_size):
-            x = torch.stack([self._prepare(it, max_pixels, max_bytes) for it in items[i:i + batch_size]])
-            with self._autocast():
-                if tta == "none":
-                    probs = self.model(self._to_device(x)).float().softmax(1).cpu()
-                else:
-                    probs = tta_log_probs(self.model, self._to_device(x), tta).exp().cpu()
-            for row in probs:
-                k = int(row.argmax())
-                out.append(Prediction(self.classes[k], k, float(row[k]),
-                                      {c: float(v) for c, v in zip(self.classes, row)}))
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+        def prepare(chunk: list[Any]) -> torch.Tensor:
+            return torch.stack([self._prepare(it, max_pixels, max_bytes) for it in chunk])
+
+        # Decode the next batch in a thread while the model runs on this one (PIL's decoders
+        # and resize release the GIL); an unreadable file raises from result(), in order.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                x = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(prepare, chunks[k + 1])
+                out += self._classify(x, tta)
         self.model.train(was_training)
+        return out
+
+    def _classify(self, x: torch.Tensor, tta: str) -> list[Prediction]:
+        out: list[Prediction] = []
+        with self._autocast():
+            if tta == "none":
+                probs = self.model(self._to_device(x)).float().softmax(1).cpu()
+            else:
+                probs = tta_log_probs(self.model, self._to_device(x), tta).exp().cpu()
+        for row in probs:
+            k = int(row.argmax())
+            out.append(Prediction(self.classes[k], k, float(row[k]), {c: float(v) for c, v in zip(self.classes, row)}))
         return out
 
     # -- persistence --------------------------------------------------------------------------
