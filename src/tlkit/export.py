@@ -1,0 +1,126 @@
+"""Export a trained classifier to ONNX or TorchScript, and check the export against PyTorch.
+
+Both exports take the model input of the checkpoint's data config, float32 ``(B, 3, H, W)``
+normalised with its mean and std, and return logits ``(B, num_classes)`` (apply softmax for
+probabilities). The batch dimension is dynamic. Preprocessing is not part of the graph: use
+the same eval transform (`tlkit.create_transforms`, or the values in the checkpoint metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["check_onnx", "export_onnx", "export_torchscript"]
+
+
+def _example(model: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.randn(batch, *input_size, device=param.device, dtype=torch.float32)
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    # A float32, contiguous-format, eval-mode copy: exporters trace what they are given.
+    import copy
+
+    out = copy.deepcopy(model).float().eval()
+    return out.to(memory_format=torch.contiguous_format)
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, input_size: tuple[int, int, int], *, opset: int = 17,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as an ONNX file with a dynamic batch dimension.
+
+    Uses ``torch.onnx.export`` (TorchScript-based exporter, ``dynamo=False``, which needs only
+    the ``onnx`` package). Input ``"input"``: float32 ``(batch, 3, H, W)``; output
+    ``"logits"``: float32 ``(batch, num_classes)``. ``metadata`` (class names, data config) is
+    stored as the model's ``metadata_props`` (JSON strings).
+
+    Args:
+        model: the classifier (any device; exported from a float32 eval-mode copy on CPU).
+        path: the ``.onnx`` file to write.
+        input_size: ``(3, H, W)`` of the data config.
+        opset: ONNX opset version.
+        metadata: key -> JSON-serialisable value.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: the ``onnx`` package is missing (``pip install "tlkit[export]"``).
+    """
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError('ONNX export needs the onnx package: pip install "tlkit[export]"') from e
+    path = Path(path)
+    plain = _plain_copy(model).cpu()
+    x = _example(plain, tuple(input_size))
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.onnx.export(
+        plain, (x,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )
+    proto = onnx.load(str(tmp))
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute logit difference between onnxruntime and PyTorch on the batch ``x``.
+
+    Args:
+        path: an ONNX file from `export_onnx`.
+        model: the PyTorch classifier it came from.
+        x: float32 ``(B, 3, H, W)`` model input (e.g. real photos through the eval transform).
+
+    Raises:
+        ImportError: onnxruntime is missing (``pip install "tlkit[export]"``).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError('checking an ONNX export needs onnxruntime: pip install "tlkit[export]"') from e
+    plain = _plain_copy(model).cpu()
+    with torch.no_grad():
+        expected = plain(x.float().cpu().contiguous())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input": x.float().cpu().contiguous().numpy()})
+    return float((torch.from_numpy(got) - expected).abs().max())
+
+
+def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],
+                       metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a traced TorchScript file (``torch.jit.load`` reads it without tlkit).
+
+    ``metadata`` is stored as the extra file ``tlkit.json`` inside the archive
+    (``torch.jit.load(path, _extra_files={"tlkit.json": ""})``).
+
+    Args:
+        model: the classifier.
+        path: the ``.pt`` file to write.
+        input_size: ``(3, H, W)`` of the data config.
+        metadata: key -> JSON-serialisable value.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    plain = _plain_copy(model).cpu()
+    with torch.no_grad():
+        traced = torch.jit.trace(plain, _example(plain, tuple(input_size)))
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.jit.save(traced, str(tmp), _extra_files={"tlkit.json": json.dumps(metadata or {})})
+    tmp.replace(path)
+    return path

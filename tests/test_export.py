@@ -1,0 +1,69 @@
+"""ONNX and TorchScript export, checked against PyTorch on real photos."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import copy_sample, tiny_tuner
+from tlkit import ImageFolderDataset, load_image
+from tlkit.cli import main
+from tlkit.export import check_onnx, export_onnx, export_torchscript
+
+CLASSES = ["cardboard", "glass", "metal"]
+
+
+def photos(tuner, tmp_path, n=2):
+    ds = ImageFolderDataset(copy_sample(tmp_path / "img", CLASSES, n))
+    return torch.stack([tuner.eval_transform(load_image(p)) for p, _ in ds.samples])
+
+
+def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    tuner = tiny_tuner(CLASSES)
+    path = export_onnx(tuner.model, tmp_path / "m.onnx", (3, 64, 64), metadata={"classes": CLASSES})
+    x = photos(tuner, tmp_path, 2)  # 6 images, a batch size the export never saw
+    assert check_onnx(path, tuner.model, x) <= 1e-4
+    assert check_onnx(path, tuner.model, x[:1]) <= 1e-4
+    import onnx
+
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    assert props["classes"] == CLASSES
+
+
+def test_onnx_of_same_padded_mobilenet_matches(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import timm
+
+    from tlkit import HeadReplacer
+
+    model = HeadReplacer(3).apply(timm.create_model("mobilenetv2_050", pad_type="same"))
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 96, 96))
+    x = torch.randn(3, 3, 96, 96)
+    assert check_onnx(path, model, x) <= 1e-4
+
+
+def test_torchscript_export_runs_without_tlkit_and_keeps_metadata(tmp_path):
+    tuner = tiny_tuner(CLASSES)
+    path = export_torchscript(tuner.model, tmp_path / "m.pt", (3, 64, 64), metadata={"classes": CLASSES})
+    extra = {"tlkit.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["tlkit.json"])["classes"] == CLASSES
+    x = photos(tuner, tmp_path, 1)
+    tuner.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), tuner.model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_export_checks_onnx_on_a_folder(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    tuner = tiny_tuner(CLASSES)
+    tuner.save(tmp_path / "m.safetensors")
+    root = copy_sample(tmp_path / "data", CLASSES, 2)
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "m.onnx"),
+                 "--check", str(root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checked_images"] == 6 and out["max_abs_logit_diff"] <= 1e-4
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "m.pt"),
+                 "--format", "torchscript"]) == 0
+    assert (tmp_path / "m.pt").stat().st_size > 1000
