@@ -249,6 +249,11 @@ def test_steepest_suggestion_is_where_the_loss_falls_fastest():
 
 
 # -- presets and overrides ----------------------------------------------------------------------
+def test_linear_probe_preset_trains_from_cached_features():
+    cfg = apply_recipe(RunConfig(), "linear-probe")
+    assert cfg.train.feature_cache and cfg.train.feature_views == 0 and cfg.freeze.depth == -1
+
+
 def test_finetune_strong_preset_sets_every_block():
     cfg = apply_recipe(RunConfig(), "finetune-strong")
     t, a = cfg.train, cfg.data.augment

@@ -1,6 +1,8 @@
 """The built wheel installs into a fresh virtual environment and runs there."""
 
+import os
 import subprocess
+import sysconfig
 import sys
 import textwrap
 import venv
@@ -18,12 +20,18 @@ def test_wheel_installs_and_runs_the_quickstart(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
                     "-w", str(dist), "-q"], check=True, cwd=tmp_path)
     (wheel,) = dist.glob("tlkit-*.whl")
-    # torch, timm & co. come from this environment; tlkit itself only from the wheel.
+    # torch, timm & co. come from this environment's site-packages (a .pth line: the folder is
+    # appended to sys.path but its own .pth files, the editable tlkit among them, are not run);
+    # tlkit itself only from the wheel.
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    child = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    Path(child, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what a user's shell has
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True)
+                   check=True, env=env)
     script = textwrap.dedent(f"""
         import pathlib, sys, timm, torch
         import tlkit
@@ -38,7 +46,8 @@ def test_wheel_installs_and_runs_the_quickstart(tmp_path):
         tuner.fit(train, val)
         print("ok", tuner.predict(val.samples[0][0])[0].label in train.classes)
     """)
-    out = subprocess.run([str(python), "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok True"
-    cli = subprocess.run([str(env_dir / "bin" / "tlkit"), "--help"], check=True, capture_output=True, text=True)
+    cli = subprocess.run([str(env_dir / "bin" / "tlkit"), "--help"], check=True, capture_output=True, text=True, env=env)
     assert "export" in cli.stdout and "predict" in cli.stdout

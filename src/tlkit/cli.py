@@ -189,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on an image folder; prints one JSON object")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--data", required=True, help="folder with one sub-folder per class (names as in the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images; prints one JSON object per image")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help=f"refuse images whose header claims more pixels (default {MAX_PIXELS})")

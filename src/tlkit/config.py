@@ -182,7 +182,12 @@ class TrainConfig(StrictModel):
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(
+        None, ge=1,
+        description="Images per forward pass in evaluate, predict and feature extraction. None: 16 on CPU "
+        "(smaller batches stay in cache: MobileNetV2 bf16 predict ran at about 110 img/s at 16 against 70 "
+        "at 64 on a 2-core EPYC), 64 on GPUs.",
+    )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate of the head group.")
     weight_decay: float = Field(0.01, ge=0.0)

@@ -213,6 +213,7 @@ class FineTuner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
         self.draft_size = eval_resize_size(self.data_config) if self.config.jpeg_draft else None
+        self.eval_batch_size: int = self.config.eval_batch_size or (16 if self.device.type == "cpu" else 64)
         self._compiled: nn.Module | None = None
         self.ema: nn.Module | None = None  # timm ModelEmaV3 while config.ema_decay is set
         self.optimizer: torch.optim.Optimizer | None = None
@@ -513,10 +514,10 @@ class FineTuner:
                 judged = self.ema.module if self.ema is not None else self.model
                 if cached and isinstance(val, ImageFolderDataset):
                     m = self._evaluate_loader(self._loader(torch.utils.data.TensorDataset(
-                        *self.cached_features(val, None)), cfg.eval_batch_size, shuffle=False),
+                        *self.cached_features(val, None)), self.eval_batch_size, shuffle=False),
                         judged.get_classifier())
                 else:
-                    m = self._evaluate_loader(self._loader(val_ds, cfg.eval_batch_size, shuffle=False),
+                    m = self._evaluate_loader(self._loader(val_ds, self.eval_batch_size, shuffle=False),
                                               judged if self.ema is not None else self._forward_module())
                 record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
                               per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
@@ -687,7 +688,7 @@ class FineTuner:
         Args:
             data: an `ImageFolderDataset` with the model's classes (evaluated with the eval
                 transform), a dataset of ``(tensor (3, H, W), label)``, or a DataLoader.
-            batch_size: default ``config.eval_batch_size``.
+            batch_size: default `eval_batch_size`.
             tta: test-time augmentation, one of ``"none"``, ``"hflip"``, ``"multi-crop"``
                 (see `tlkit.tta`); the loss is then the NLL of the averaged probabilities.
 
@@ -695,7 +696,7 @@ class FineTuner:
             ValueError: empty data, or an unknown ``tta`` mode.
         """
         dataset = self._dataset(data, self.eval_transform)
-        loader = self._loader(dataset, batch_size or self.config.eval_batch_size, shuffle=False)
+        loader = self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False)
         with self._cpu_flags():
             return self._evaluate_loader(loader, self._forward_module(), tta=tta)
 
@@ -852,7 +853,7 @@ class FineTuner:
         )
 
         def compute():
-            loader = self._loader(self._dataset(data, transform), self.config.eval_batch_size, shuffle=False)
+            loader = self._loader(self._dataset(data, transform), self.eval_batch_size, shuffle=False)
             bar = (lambda it: tqdm(it, desc="features", leave=False)) if self.config.progress else None
             with ctx() if ctx else contextlib.nullcontext():
                 return extract_features(self.model, loader, self._to_device, self._autocast, bar)
@@ -888,7 +889,7 @@ class FineTuner:
             inputs: a path, a PIL image, a tensor, or a list of them. Tensors are taken as model
                 input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images
                 with transparency are composited onto white, as files are.
-            batch_size: images per forward pass; default ``config.eval_batch_size``.
+            batch_size: images per forward pass; default `eval_batch_size`.
             max_pixels: largest accepted width x height of an image file.
             max_bytes: largest accepted size of an image file, in bytes.
             tta: test-time augmentation: ``"none"``, ``"hflip"`` or ``"multi-crop"`` (see
@@ -912,7 +913,7 @@ class FineTuner:
             items = list(inputs)
         else:
             items = [inputs]
-        batch_size = batch_size or self.config.eval_batch_size
+        batch_size = batch_size or self.eval_batch_size
         with self._cpu_flags():
             return self._predict(items, batch_size, max_pixels, max_bytes, tta)
 

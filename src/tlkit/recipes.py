@@ -11,11 +11,14 @@ __all__ = ["RECIPES", "apply_recipe"]
 
 
 def _linear_probe(cfg: RunConfig) -> RunConfig:
-    # The classic recipe (frozen ImageNet features under a new Dense layer, 15 epochs of Adam).
+    # The classic recipe (frozen ImageNet features under a new Dense layer, 15 epochs of Adam),
+    # trained from cached features of the eval view: on TrashNet with MobileNetV2 84.7% top-1 in
+    # 32 s, against 85.6% (85.1% at the last epoch) in 523 s with random augmentation recomputed
+    # every epoch; 5 cached augmented views gave 85.1% in 85 s. A gap of one to four images.
     return cfg.model_copy(update={
         "freeze": FreezePolicy.linear_probe(),
         "train": cfg.train.model_copy(update={"epochs": 15, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
-                                              "label_smoothing": 0.1}),
+                                              "label_smoothing": 0.1, "feature_cache": True}),
     })
 
 
@@ -75,7 +78,8 @@ def apply_recipe(config: RunConfig, name: str) -> RunConfig:
     """Return a copy of ``config`` with the named recipe's freeze policy and loop settings.
 
     Recipes:
-        ``linear-probe``: backbone frozen, new head, 15 epochs, AdamW lr 1e-3.
+        ``linear-probe``: backbone frozen, new head trained from cached features (the backbone
+        runs once), 15 epochs, AdamW lr 1e-3.
         ``finetune``: 2 epochs head warm-up, then the last 4 stages unfrozen with layer-wise LR
         decay 0.6, BatchNorm frozen, 12 epochs, AdamW lr 2e-3.
         ``finetune-strong``: the ``finetune`` phases, 15 epochs, TrivialAugment + random
