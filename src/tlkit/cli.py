@@ -19,14 +19,20 @@ def _parse_override(text: str) -> str:
     return text
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from tlkit import FineTuner, RunConfig, apply_recipe, load_datasets
+def _run_config(args: argparse.Namespace):
+    """The RunConfig of ``--config``, then ``--recipe``, then every ``--set`` (which win)."""
+    from tlkit import RunConfig, apply_recipe
 
     config = RunConfig.from_file(args.config) if args.config else RunConfig()
     if args.recipe:
         config = apply_recipe(config, args.recipe)
-    # --set comes last so it can adjust any field a recipe chose.
-    config = config.with_overrides(args.set or [])
+    return config.with_overrides(args.set or [])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tlkit import FineTuner, load_datasets
+
+    config = _run_config(args)
     train, val = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)
     config.to_file(Path(config.output_dir) / "config.yaml")
@@ -120,12 +126,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from tlkit import FineTuner, RunConfig, apply_recipe, load_datasets
+    from tlkit import FineTuner, load_datasets
 
-    config = RunConfig.from_file(args.config) if args.config else RunConfig()
-    if args.recipe:
-        config = apply_recipe(config, args.recipe)
-    config = config.with_overrides(args.set or [])
+    config = _run_config(args)
     train, _ = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)
     result = tuner.lr_find(train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps, epoch=args.epoch)

@@ -214,6 +214,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return counts
 
 
+def _shuffled_by_class(dataset: ImageFolderDataset, seed: int) -> list[list[int]]:
+    # Sample indices of each class (in class order), shuffled by one random.Random(seed).
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(dataset.samples):
+        by_class.setdefault(label, []).append(i)
+    out = []
+    for label in sorted(by_class):
+        idx = by_class[label][:]
+        rng.shuffle(idx)
+        out.append(idx)
+    return out
+
+
 def stratified_split(
     dataset: ImageFolderDataset, val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
@@ -228,15 +242,9 @@ def stratified_split(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(dataset.samples):
-        by_class.setdefault(label, []).append(i)
     train_idx: list[int] = []
     val_idx: list[int] = []
-    for label in sorted(by_class):
-        idx = by_class[label][:]
-        rng.shuffle(idx)
+    for idx in _shuffled_by_class(dataset, seed):
         n_val = round(len(idx) * val_fraction)
         if len(idx) >= 2:
             n_val = min(max(n_val, 1), len(idx) - 1)
@@ -262,15 +270,9 @@ def stratified_kfold(
         raise ValueError(f"num_folds must be at least 2, got {num_folds}")
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold must be in [0, {num_folds}), got {fold}")
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(dataset.samples):
-        by_class.setdefault(label, []).append(i)
     train_idx: list[int] = []
     val_idx: list[int] = []
-    for label in sorted(by_class):
-        idx = by_class[label][:]
-        rng.shuffle(idx)
+    for idx in _shuffled_by_class(dataset, seed):
         for k, i in enumerate(idx):
             (val_idx if k % num_folds == fold else train_idx).append(i)
     return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
