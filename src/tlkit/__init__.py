@@ -46,7 +46,7 @@ from tlkit.metrics import ClassificationMetrics
 from tlkit.protocol import ProtocolResult, cross_validate, repeat_seeds
 from tlkit.recipes import RECIPES, apply_recipe
 from tlkit.report import write_run_report
-from tlkit.tta import TTA_MODES, tta_log_probs, tta_views
+from tlkit.tta import TTA_MODES, check_tta_mode, tta_log_probs, tta_views
 
 __all__ = [
     "__version__",
@@ -80,6 +80,7 @@ __all__ = [
     "TaskHead",
     "TrainConfig",
     "apply_recipe",
+    "check_tta_mode",
     "cosine_lr_factor",
     "create_backbone",
     "create_transforms",

@@ -101,7 +101,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tlkit import FineTuner, ImageFolderDataset, load_image
+    import torch
+
+    from tlkit import FineTuner, ImageFolderDataset
     from tlkit.export import check_onnx, export_onnx, export_torchscript
 
     tuner = FineTuner.load(args.checkpoint, device="cpu", progress=False)
@@ -119,7 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                                       allow_missing_classes=True).samples[:16]]
         else:
             files = _expand([str(args.check)])[:16]
-        x = __import__("torch").stack([tuner.eval_transform(load_image(f, draft_size=tuner.draft_size)) for f in files])
+        x = torch.stack([tuner._prepare(f, MAX_PIXELS, MAX_BYTES) for f in files])  # as predict reads them
         result.update(checked_images=len(files), max_abs_logit_diff=check_onnx(out, tuner.model, x))
     print(json.dumps(result))
     return 0
@@ -152,8 +154,7 @@ def _offline_weights(name: str) -> str:
         import timm
         from huggingface_hub import try_to_load_from_cache
 
-        hub_id = (timm.models.get_pretrained_cfg(name) or None)
-        hub_id = getattr(hub_id, "hf_hub_id", None)
+        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
         if hub_id:
             for f in ("model.safetensors", "pytorch_model.bin"):
                 hit = try_to_load_from_cache(hub_id, f)

@@ -37,7 +37,7 @@ from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifi
 from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
-from tlkit.tta import tta_log_probs
+from tlkit.tta import check_tta_mode, tta_log_probs
 
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
@@ -321,13 +321,16 @@ class FineTuner:
         weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
         return weights.float().to(self.device)
 
-    def _build_optimizer(self, epoch: int) -> None:
+    def _new_optimizer(self, epoch: int, lr: float) -> torch.optim.Optimizer:
+        """``config.optimizer`` over the policy's parameter groups at ``epoch``, head LR ``lr``."""
         cfg = self.config
-        groups = self.policy.param_groups(self.model, epoch, cfg.lr, cfg.weight_decay)
+        groups = self.policy.param_groups(self.model, epoch, lr, cfg.weight_decay)
         if cfg.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def _build_optimizer(self, epoch: int) -> None:
+        self.optimizer = self._new_optimizer(epoch, self.config.lr)
 
     @property
     def trainable_parameters(self) -> int:
@@ -613,9 +616,10 @@ class FineTuner:
         record = self.history[-1]
         metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
         weights = (self.ema.module if self.ema is not None else self.model).state_dict()
-        save_checkpoint(out / "last.safetensors", weights, self.metadata(metrics))
+        meta = self.metadata(metrics)
+        save_checkpoint(out / "last.safetensors", weights, meta)
         if best:
-            save_checkpoint(out / "best.safetensors", weights, self.metadata(metrics))
+            save_checkpoint(out / "best.safetensors", weights, meta)
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
 
@@ -755,11 +759,7 @@ class FineTuner:
     def _lr_find(self, train, start_lr, end_lr, num_steps, epoch, diverge, smoothing) -> LRFinderResult:
         cfg = self.config
         self.policy.apply(self.model, epoch)
-        groups = self.policy.param_groups(self.model, epoch, start_lr, cfg.weight_decay)
-        if cfg.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=start_lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(groups, lr=start_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = self._new_optimizer(epoch, start_lr)
         criterion = nn.CrossEntropyLoss(weight=self.class_weights(train), label_smoothing=cfg.label_smoothing)
         dataset = self._dataset(train, self.train_transform)
         growth = (end_lr / start_lr) ** (1 / (num_steps - 1))
@@ -904,9 +904,7 @@ class FineTuner:
             TypeError: an input of an unsupported type.
             ValueError: an unknown ``tta`` mode.
         """
-        from tlkit.tta import tta_views
-
-        tta_views(torch.zeros(1, 3, 8, 8), tta)  # fail on a bad mode before decoding anything
+        check_tta_mode(tta)  # before decoding anything
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
             items: list[Any] = list(inputs)
         elif isinstance(inputs, (list, tuple)):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "class_report",
+    "class_report_markdown",
     "model_card",
     "plot_confusion_matrix",
     "plot_training_curves",

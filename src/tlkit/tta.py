@@ -20,11 +20,17 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-__all__ = ["TTA_MODES", "TTAMode", "tta_log_probs", "tta_views"]
+__all__ = ["TTA_MODES", "TTAMode", "check_tta_mode", "tta_log_probs", "tta_views"]
 
 TTAMode = Literal["none", "hflip", "multi-crop"]
 TTA_MODES: tuple[str, ...] = ("none", "hflip", "multi-crop")
 _CROP = 0.875
+
+
+def check_tta_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming ``mode`` unless it is one of `TTA_MODES`."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown tta mode {mode!r}; choose from {TTA_MODES}")
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
@@ -40,8 +46,7 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     Raises:
         ValueError: an unknown mode.
     """
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown tta mode {mode!r}; choose from {TTA_MODES}")
+    check_tta_mode(mode)
     if mode == "none":
         return [x]
     if mode == "hflip":
