@@ -141,6 +141,15 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tlkit import FineTuner
+    from tlkit.demo import launch_demo
+
+    tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
+    launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share)
+    return 0
+
+
 def _offline_weights(name: str) -> str:
     """Where weights for ``name`` can be had without network, or ``""``."""
     if name == "tf_efficientnet_lite0":
@@ -222,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder or file/glob: compare onnxruntime with PyTorch on up to 16 of its images")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("demo", help="serve a web page that classifies an uploaded photo (needs tlkit[demo])")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 serves other machines (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: the first free port from 7860)")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown with their probabilities (default 3)")
+    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
+                   help="test-time augmentation, as in predict")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--recipe", help="apply a named recipe first")
@@ -250,6 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, ValidationError) as e:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError) as e:
         print(f"tlkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -176,6 +176,10 @@ class FineTuner:
         head: the head's config; default inferred from the model.
 
     Use `from_config` to build everything from a `RunConfig`.
+
+    Attributes:
+        checkpoint_metadata: the header of the checkpoint `load` read (backbone, weights
+            source, classes, data config, configs, epoch, ``metrics``); ``None`` otherwise.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class FineTuner:
         self.best: dict[str, Any] = {"metric": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.feature_cache = FeatureCache(self.config.feature_cache_dir)
+        self.checkpoint_metadata: dict[str, Any] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -1073,6 +1078,7 @@ class FineTuner:
                     augment=augment, backbone=backbone, head=head)
         tuner._load_weights(state, path, skip_head=new_head)
         tuner.epoch = 0 if new_head else int(meta.get("epoch", 0))
+        tuner.checkpoint_metadata = meta
         tuner.model.eval()
         return tuner
 
