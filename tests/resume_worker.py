@@ -44,10 +44,10 @@ def install_kill_hook(kill: dict) -> None:
     epoch_now: dict[str, int | None] = {"epoch": None}
     write_epoch = ft.FineTuner._write_epoch
 
-    def tracking_write_epoch(self, record, improved):
+    def tracking_write_epoch(self, record, improved, *rest):
         epoch_now["epoch"] = record["epoch"]
         try:
-            return write_epoch(self, record, improved)
+            return write_epoch(self, record, improved, *rest)
         finally:
             epoch_now["epoch"] = None
 

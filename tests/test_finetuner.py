@@ -178,8 +178,8 @@ def test_resume_in_a_run_folder_without_files_starts_at_epoch_0(data, tmp_path):
 def _crash_after_epoch(monkeypatch, epoch):
     write = FineTuner._write_epoch
 
-    def write_then_crash(self, record, improved):
-        write(self, record, improved)
+    def write_then_crash(self, record, improved, *rest):
+        write(self, record, improved, *rest)
         if record["epoch"] == epoch:
             raise Crash
 

@@ -151,8 +151,8 @@ def test_ema_resume_matches_an_uninterrupted_run(data, tmp_path):
     first = deterministic(tiny_tuner(CLASSES, epochs=3, ema_decay=0.9, output_dir=tmp_path / "b"))
     original = first._write_epoch
 
-    def stop_after_second(record, improved):
-        original(record, improved)
+    def stop_after_second(record, improved, *rest):
+        original(record, improved, *rest)
         if record["epoch"] == 1:
             raise KeyboardInterrupt
 

@@ -109,11 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = build_config(args)
     train, val = load_datasets(config.data)
-    print(f"data: {len(train)} train / {len(val)} val images, classes {train.classes}")
-    tuner = FineTuner.from_config(config, train.classes)
-    print(f"backbone: {config.backbone.name} ({tuner.metadata()['backbone']['weights_source']}), "
-          f"recipe: {args.recipe}, device: {tuner.device}, autocast: {tuner.amp_dtype}")
-    config.to_file(Path(config.output_dir) / "config.yaml")
+    tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
+    say = print if tuner.is_main else (lambda *a, **k: None)  # rank 0 alone prints and writes
+    say(f"data: {len(train)} train / {len(val)} val images, classes {train.classes}")
+    world = f", processes: {tuner.dist.world_size}" if tuner.dist else ""
+    say(f"backbone: {config.backbone.name} ({tuner.metadata()['backbone']['weights_source']}), "
+        f"recipe: {args.recipe}, device: {tuner.device}, autocast: {tuner.amp_dtype}{world}")
+    if tuner.is_main:
+        config.to_file(Path(config.output_dir) / "config.yaml")
     t0 = time.perf_counter()
     tuner.fit(train, val)
     wall = time.perf_counter() - t0
@@ -139,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
         m = best.evaluate(val, tta=args.tta).to_dict()
         summary.update({f"{args.tta}_top1": round(m["top1"], 4), f"{args.tta}_macro_f1": round(m["macro_f1"], 4),
                         f"{args.tta}_trash_recall": m["per_class_recall"].get("trash")})
-    print(json.dumps(summary))
+    say(json.dumps(summary))
     path, label = val.samples[0]
     pred = best.predict(path)[0]
-    print(f"prediction for {path.name} (true: {val.classes[label]}): {pred.label} ({pred.probability:.1%})")
+    say(f"prediction for {path.name} (true: {val.classes[label]}): {pred.label} ({pred.probability:.1%})")
     return summary
 
 

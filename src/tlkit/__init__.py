@@ -25,6 +25,8 @@ from tlkit.data import (
     stratified_kfold,
     stratified_split,
 )
+from tlkit.demo import build_demo, launch_demo
+from tlkit.distributed import DistributedContext, distributed_context, init_distributed
 from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
 from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
@@ -58,6 +60,7 @@ __all__ = [
     "ClassificationMetrics",
     "DataConfigOverrides",
     "DatasetConfig",
+    "DistributedContext",
     "FeatureCache",
     "FineTuner",
     "FreezePolicy",
@@ -80,14 +83,18 @@ __all__ = [
     "TaskHead",
     "TrainConfig",
     "apply_recipe",
+    "build_demo",
     "check_tta_mode",
     "cosine_lr_factor",
     "create_backbone",
     "create_transforms",
     "cross_validate",
+    "distributed_context",
     "eval_resize_size",
     "extract_features",
     "find_bad_images",
+    "init_distributed",
+    "launch_demo",
     "load_checkpoint",
     "load_datasets",
     "load_image",

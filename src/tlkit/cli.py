@@ -34,10 +34,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = _run_config(args)
     train, val = load_datasets(config.data)
-    tuner = FineTuner.from_config(config, train.classes)
-    config.to_file(Path(config.output_dir) / "config.yaml")
+    tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
+    if tuner.is_main:
+        config.to_file(Path(config.output_dir) / "config.yaml")
     tuner.fit(train, val, resume=args.resume)
-    print(json.dumps(tuner.evaluate(val).to_dict()))
+    metrics = tuner.evaluate(val).to_dict()  # every rank takes part; rank 0 prints
+    if tuner.is_main:
+        print(json.dumps(metrics))
     return 0
 
 
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning on any timm backbone.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a YAML/JSON RunConfig")
+    p = sub.add_parser("train", help="train from a YAML/JSON RunConfig (also under torchrun: DDP, batch_size per process)")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 --set data.root=photos")

@@ -181,7 +181,9 @@ class TrainConfig(StrictModel):
     """
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(
+        32, ge=1, description="Images per optimizer step in each process; the global batch is batch_size * world_size."
+    )
     eval_batch_size: int | None = Field(
         None, ge=1,
         description="Images per forward pass in evaluate, predict and feature extraction. None: 16 on CPU "
@@ -245,6 +247,19 @@ class TrainConfig(StrictModel):
         0, ge=0, description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K)."
     )
     feature_cache_dir: Path | None = Field(None, description="Also keep cached features on disk here.")
+    distributed: Literal["auto", "off"] = Field(
+        "auto",
+        description="'auto': under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, gloo on CPU) "
+        "and train with DistributedDataParallel; 'off': always one process.",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="Under DDP, convert BatchNorm to SyncBatchNorm (CUDA only; timm's convert_sync_batchnorm)."
+    )
+    find_unused_parameters: bool = Field(
+        False,
+        description="DDP's find_unused_parameters, for models whose forward skips trainable parameters. Frozen "
+        "parameters never need it: tlkit rewraps DDP at each phase boundary.",
+    )
 
     @model_validator(mode="after")
     def _mixup_needs_even_batches(self) -> TrainConfig:

@@ -118,31 +118,45 @@ class FeatureCache:
             h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{label};".encode())
         return h.hexdigest()
 
-    def get_or_compute(
-        self, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features for ``key``: from memory, else from disk, else ``compute()`` (then stored)."""
+    def lookup(self, key: str, disk: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Features for ``key`` from memory, else (with ``disk``) from disk, kept in memory then; ``None`` on a miss.
+
+        A damaged cache file counts as a miss: it is recomputed, never trusted.
+        """
         if key in self._memory:
             self.hits += 1
             return self._memory[key]
-        path = self.cache_dir / f"{key}.safetensors" if self.cache_dir else None
+        path = self.cache_dir / f"{key}.safetensors" if self.cache_dir and disk else None
         if path is not None and path.is_file():
             from safetensors.torch import load_file
 
             try:
                 d = load_file(str(path))
-                self._memory[key] = (d["features"], d["labels"])
-                self.hits += 1
-                return self._memory[key]
-            except Exception:  # a damaged cache file is recomputed, never trusted
-                pass
-        self.misses += 1
-        value = compute()
+            except Exception:  # noqa: BLE001 - any unreadable file is a miss
+                return None
+            self._memory[key] = (d["features"], d["labels"])
+            self.hits += 1
+            return self._memory[key]
+        return None
+
+    def store(self, key: str, value: tuple[torch.Tensor, torch.Tensor], write: bool = True) -> None:
+        """Keep ``value`` in memory and, with ``cache_dir`` and ``write``, on disk (atomically)."""
         self._memory[key] = value
-        if path is not None:
+        if write and self.cache_dir is not None:
             from safetensors.torch import save
 
-            atomic_write_bytes(path, save({"features": value[0].contiguous(), "labels": value[1].contiguous()}))
+            atomic_write_bytes(self.cache_dir / f"{key}.safetensors",
+                               save({"features": value[0].contiguous(), "labels": value[1].contiguous()}))
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features for ``key``: from memory, else from disk, else ``compute()`` (then stored)."""
+        value = self.lookup(key)
+        if value is None:
+            self.misses += 1
+            value = compute()
+            self.store(key, value)
         return value
 
 

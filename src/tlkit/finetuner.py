@@ -37,6 +37,8 @@ from tlkit.head import HeadReplacer, TaskHead, classifier_module_names, classifi
 from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
+from tlkit.distributed import (DistributedContext, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                               gather_shards, init_distributed, shard_indices)
 from tlkit.tta import check_tta_mode, tta_log_probs
 
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
@@ -177,7 +179,13 @@ class FineTuner:
 
     Use `from_config` to build everything from a `RunConfig`.
 
+    Under ``torchrun`` (``config.distributed="auto"``) the same code trains on every process
+    with ``DistributedDataParallel``; see `tlkit.distributed` and the "Distributed training"
+    docs page. ``config.batch_size`` is then per process.
+
     Attributes:
+        dist: this process's place in the process group, ``None`` in a single process.
+        is_main: whether this process writes files and prints (rank 0, or the only process).
         checkpoint_metadata: the header of the checkpoint `load` read (backbone, weights
             source, classes, data config, configs, epoch, ``metrics``); ``None`` otherwise.
     """
@@ -208,7 +216,13 @@ class FineTuner:
             self.head = self.head.model_copy(update={"num_classes": len(self.classes)})
         if self.head.num_classes != len(self.classes):
             raise ValueError(f"head has {self.head.num_classes} classes but {len(self.classes)} class names were given")
+        # Under torchrun, join the process group before picking the device (cuda:LOCAL_RANK).
+        self.dist: DistributedContext | None = (
+            init_distributed(self.config.device) if self.config.distributed == "auto" else None)
+        self.is_main = self.dist is None or self.dist.is_main
         self.device = resolve_device(self.config.device)
+        if self.dist is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = resolve_precision(self.config.precision, self.device)
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.channels_last = self.config.channels_last if self.config.channels_last is not None else has_conv
@@ -228,6 +242,8 @@ class FineTuner:
         self.history: list[dict[str, Any]] = []
         self.feature_cache = FeatureCache(self.config.feature_cache_dir)
         self.checkpoint_metadata: dict[str, Any] | None = None
+        self._ddp: nn.Module | None = None
+        self._ddp_key: tuple | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -280,17 +296,58 @@ class FineTuner:
     def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
         if isinstance(dataset, torch.utils.data.DataLoader):
             return dataset
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch) if shuffle else None
+        sampler = None
+        if shuffle:
+            # One permutation (randperm seeded seed + epoch) dealt out rank::world_size. Global
+            # batch k then holds the images of batch k of one process with batch_size *
+            # world_size, so a torchrun run takes the same steps as one process.
+            rank, world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.config.seed * 100_003, drop_last=True)
+            sampler.set_epoch(epoch)
+        n = len(sampler) if sampler is not None else len(dataset)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=shuffle and len(dataset) > batch_size,
+            sampler=sampler,
+            # Seeds the worker processes only; the sampler owns the order.
+            generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch) if shuffle else None,
+            drop_last=shuffle and n > batch_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             collate_fn=skip_none_collate,  # a file that fails to load costs a sample, not the epoch
         )
+
+    def _eval_loader(self, dataset, batch_size: int | None = None) -> tuple[torch.utils.data.DataLoader, bool]:
+        """An evaluation loader, and whether it covers only this rank's shard (then metrics are reduced)."""
+        batch_size = batch_size or self.eval_batch_size
+        if self.dist is None or isinstance(dataset, torch.utils.data.DataLoader):
+            return self._loader(dataset, batch_size, shuffle=False), False
+        shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), self.dist.rank, self.dist.world_size))
+        return self._loader(shard, batch_size, shuffle=False), True
+
+    def _ddp_wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` under DistributedDataParallel (one process: ``module`` itself).
+
+        DDP reduces the gradients of the parameters that require them when it is built, so it
+        is rebuilt whenever the trainable set changes (a phase boundary, or the switch between
+        cached-feature and full epochs); frozen parameters are never in its buckets.
+        """
+        if self.dist is None:
+            return module
+        key = (id(module), frozenset(n for n, p in module.named_parameters() if p.requires_grad))
+        if key != self._ddp_key:
+            import gc
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = self._ddp_key = None
+            gc.collect()  # the old reducer's autograd hooks go with it
+            self._ddp = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.config.find_unused_parameters)
+            self._ddp_key = key
+        return self._ddp
 
     def class_weights(self, train: Any) -> torch.Tensor | None:
         """The cross-entropy class weights ``config.class_weights`` asks for, or ``None``.
@@ -343,6 +400,10 @@ class FineTuner:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     # -- training -----------------------------------------------------------------------------
+    @property
+    def _progress(self) -> bool:
+        return self.config.progress and self.is_main
+
     def _cpu_flags(self):
         return flush_denormal(self.config.flush_denormal and self.device.type == "cpu")
 
@@ -396,13 +457,18 @@ class FineTuner:
         for data in (train, val):
             if isinstance(data, ImageFolderDataset) and data.scan_report is None:
                 report = data.scan()
-                if report.bad or report.ignored:
+                if (report.bad or report.ignored) and self.is_main:
                     tqdm.write(report.summary(), file=sys.stderr)
+        if self.dist is not None:
+            self._prepare_distributed()
         train_ds = self._dataset(train, self.train_transform)
         val_ds = self._dataset(val, self.eval_transform) if val is not None else None
         n_train = len(train_ds.dataset) if isinstance(train_ds, torch.utils.data.DataLoader) else len(train_ds)
-        drop_last = n_train > cfg.batch_size
-        steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
+        # Per process: the distributed sampler deals n_train // world_size images to each rank.
+        n_local = n_train // self.dist.world_size if self.dist and not isinstance(
+            train_ds, torch.utils.data.DataLoader) else n_train
+        drop_last = n_local > cfg.batch_size
+        steps_per_epoch = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         mixup = None
@@ -414,7 +480,7 @@ class FineTuner:
                           label_smoothing=cfg.label_smoothing, num_classes=len(self.classes))
         criterion = nn.CrossEntropyLoss(weight=self.class_weights(train),
                                         label_smoothing=0.0 if mixup else cfg.label_smoothing)
-        _seed_everything(cfg.seed)
+        _seed_everything(cfg.seed + (self.dist.rank if self.dist else 0))  # as timm: seed + rank
         # Fail before any work if the policy is unusable at any phase.
         for e in [0, *self.policy.boundaries()]:
             self.policy.trainable_names(self.model, e)
@@ -455,15 +521,15 @@ class FineTuner:
             cached = use_cache and trainable <= head_names
             if cached:
                 view = epoch % cfg.feature_views if cfg.feature_views else None
-                forward = self.model.get_classifier()
+                forward = self._ddp_wrap(self.model.get_classifier())
                 loader = self._loader(torch.utils.data.TensorDataset(*self.cached_features(train, view)),
                                       cfg.batch_size, shuffle=True, epoch=epoch)
             else:
-                forward = self._forward_module()
+                forward = self._ddp_wrap(self._forward_module())
                 loader = self._loader(train_ds, cfg.batch_size, shuffle=True, epoch=epoch)
             total_loss, seen = 0.0, 0
             running_stats = _running_stats(self.model)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self._progress)
             for batch in bar:
                 if batch is None:  # every file of the batch failed to load (bad_images="skip")
                     continue
@@ -481,7 +547,10 @@ class FineTuner:
                 with self._autocast():
                     logits = forward(x)
                 loss = criterion(logits.float(), target)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if self.dist is not None:  # every rank stops together, none waits in a reduction
+                    finite = bool(all_reduce_sum(0.0 if finite else 1.0)[0] == 0)
+                if not finite:
                     with torch.no_grad():
                         for t, saved in zip(running_stats, stats_before):
                             t.copy_(saved)
@@ -509,6 +578,9 @@ class FineTuner:
                 seen += y.shape[0]
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}")
             seconds = time.perf_counter() - t0
+            if self.dist is not None:  # sums over ranks: the loss of every image, not a mean of means
+                total_loss, seen = (float(v) for v in all_reduce_sum(total_loss, seen))
+                seen = int(seen)
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": total_loss / max(seen, 1),
@@ -521,12 +593,11 @@ class FineTuner:
             if val_ds is not None:
                 judged = self.ema.module if self.ema is not None else self.model
                 if cached and isinstance(val, ImageFolderDataset):
-                    m = self._evaluate_loader(self._loader(torch.utils.data.TensorDataset(
-                        *self.cached_features(val, None)), self.eval_batch_size, shuffle=False),
-                        judged.get_classifier())
+                    m = self._evaluate_loader(*self._eval_loader(torch.utils.data.TensorDataset(
+                        *self.cached_features(val, None))), forward=judged.get_classifier())
                 else:
-                    m = self._evaluate_loader(self._loader(val_ds, self.eval_batch_size, shuffle=False),
-                                              judged if self.ema is not None else self._forward_module())
+                    m = self._evaluate_loader(*self._eval_loader(val_ds),
+                                              forward=judged if self.ema is not None else self._forward_module())
                 record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
                               per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
             self.history.append(record)
@@ -536,17 +607,20 @@ class FineTuner:
             stop = self._early_stop(epoch) if val_ds is not None else False
             if stop:
                 record["early_stop"] = True
-            if cfg.progress:
+            if self._progress:
                 tqdm.write(self._summary(record, improved))
-            self._write_epoch(record, improved)
+            rng = [_rng_state()] if self.dist is None else all_gather_object(_rng_state())
+            if self.is_main:
+                self._write_epoch(record, improved, rng)
+            barrier()  # the epoch's files exist before any rank goes on
             if stop:
-                if cfg.progress:
+                if self._progress:
                     tqdm.write(f"early stop: no better {self._best_key} for {cfg.early_stopping_patience} epoch(s)")
                 break
         self.epoch = self.history[-1]["epoch"] + 1 if self.history else cfg.epochs
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
-        if self.output_dir is not None and self.history:
+        if self.output_dir is not None and self.history and self.is_main:
             from tlkit.report import write_run_report
 
             facts: dict[str, Any] = {"train_images": n_train}
@@ -555,7 +629,19 @@ class FineTuner:
             if isinstance(train, ImageFolderDataset):
                 facts["root"] = str(train.root)
             write_run_report(self, self.output_dir, facts)
+        barrier()
         return self.history
+
+    def _prepare_distributed(self) -> None:
+        cfg = self.config
+        if cfg.compile:
+            raise ValueError("compile=True is not supported under DDP yet; set compile=False for torchrun runs")
+        if cfg.sync_batchnorm and not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            if self.device.type != "cuda":
+                raise ValueError(f"sync_batchnorm needs CUDA: torch's SyncBatchNorm has no {self.device.type} kernel")
+            from timm.layers import convert_sync_batchnorm
+
+            self.model = convert_sync_batchnorm(self.model)
 
     def _join_ramp(self, group: dict[str, Any], steps_per_epoch: int) -> float:
         """LR factor of a group that joined at a phase boundary: linear from 0 to 1 over
@@ -595,7 +681,8 @@ class FineTuner:
         s += f"  trainable {r['trainable_params']:,}  {r['seconds']:.1f}s"
         return s + ("  *best*" if improved else "")
 
-    def _write_epoch(self, record: dict[str, Any], improved: bool) -> None:
+    def _write_epoch(self, record: dict[str, Any], improved: bool, rng: list[dict[str, Any]]) -> None:
+        """Write the resume state and run files; ``rng`` holds every rank's RNG state, rank order."""
         if self.output_dir is None:
             return
         # The resume state is one atomic file that holds the weights too, written before
@@ -606,7 +693,8 @@ class FineTuner:
             "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(),
+            "rng": rng[0],
+            "rng_per_rank": rng,
             "best": self.best,
             "history": json.dumps(self.history),
             "weights_digest": _digest(self.model),
@@ -629,7 +717,7 @@ class FineTuner:
         atomic_write_bytes(out / "metrics.jsonl", lines.encode())
 
     def _resume(self, resume: bool | str | Path) -> int:
-        if self.output_dir is not None:
+        if self.output_dir is not None and self.is_main:
             # A run killed halfway through an atomic write leaves its temporary file behind.
             for name in _RUN_FILES:
                 for tmp in self.output_dir.glob(f".{name}.tmp-*"):
@@ -640,7 +728,8 @@ class FineTuner:
             state_path = self.output_dir / "last.state.pt"
             if not any((self.output_dir / n).exists() for n in _RUN_FILES):
                 # Killed before the first epoch ended: there is nothing to resume, start over.
-                tqdm.write(f"resume: {self.output_dir} holds no run files yet; starting at epoch 0", file=sys.stderr)
+                if self.is_main:
+                    tqdm.write(f"resume: {self.output_dir} holds no run files yet; starting at epoch 0", file=sys.stderr)
                 return 0
         else:
             state_path = Path(resume)
@@ -681,8 +770,12 @@ class FineTuner:
         self.step = int(state["step"])
         self.best = state["best"]
         self.history = json.loads(state["history"])
-        _set_rng_state(state["rng"])
-        if self.output_dir is not None and self.history:
+        # Each rank continues its own RNG stream when the world size is unchanged; otherwise
+        # every rank takes rank 0's.
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        _set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
+        if self.output_dir is not None and self.history and self.is_main:
             # A kill may have come after the state but before the files written after it:
             # write them again from the state.
             self.epoch = next_epoch - 1
@@ -701,13 +794,15 @@ class FineTuner:
             tta: test-time augmentation, one of ``"none"``, ``"hflip"``, ``"multi-crop"``
                 (see `tlkit.tta`); the loss is then the NLL of the averaged probabilities.
 
+        Under DDP each rank evaluates its shard of a dataset and the counts are summed, so every
+        rank returns the metrics of the whole data (a DataLoader is evaluated whole on each rank).
+
         Raises:
             ValueError: empty data, or an unknown ``tta`` mode.
         """
         dataset = self._dataset(data, self.eval_transform)
-        loader = self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False)
         with self._cpu_flags():
-            return self._evaluate_loader(loader, self._forward_module(), tta=tta)
+            return self._evaluate_loader(*self._eval_loader(dataset, batch_size), forward=self._forward_module(), tta=tta)
 
     def lr_find(
         self,
@@ -742,6 +837,7 @@ class FineTuner:
 
         Raises:
             ValueError: ``start_lr`` not below ``end_lr``, fewer than 2 steps, or empty data.
+            RuntimeError: called under DDP (the range test runs in one process).
         """
         if not 0 < start_lr < end_lr:
             raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
@@ -763,6 +859,8 @@ class FineTuner:
 
     def _lr_find(self, train, start_lr, end_lr, num_steps, epoch, diverge, smoothing) -> LRFinderResult:
         cfg = self.config
+        if self.dist is not None:
+            raise RuntimeError("lr_find runs in one process: start it without torchrun (or with distributed='off')")
         self.policy.apply(self.model, epoch)
         opt = self._new_optimizer(epoch, start_lr)
         criterion = nn.CrossEntropyLoss(weight=self.class_weights(train), label_smoothing=cfg.label_smoothing)
@@ -771,7 +869,7 @@ class FineTuner:
         result = LRFinderResult(lrs=[], losses=[])
         avg, best, step = 0.0, math.inf, 0
         self.model.train()
-        bar = tqdm(total=num_steps, desc="lr_find", leave=False, disable=not cfg.progress)
+        bar = tqdm(total=num_steps, desc="lr_find", leave=False, disable=not self._progress)
         while step < num_steps and not result.diverged:
             batches = 0
             for batch in self._loader(dataset, cfg.batch_size, shuffle=True, epoch=step):
@@ -811,11 +909,11 @@ class FineTuner:
         return result
 
     @torch.no_grad()
-    def _evaluate_loader(self, loader, forward: nn.Module, tta: str = "none") -> ClassificationMetrics:
+    def _evaluate_loader(self, loader, sharded: bool = False, *, forward: nn.Module, tta: str = "none") -> ClassificationMetrics:
         was_training = self.model.training
         self.model.eval()
         preds, targets, loss_sum = [], [], 0.0
-        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self.config.progress):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self._progress):
             if batch is None:
                 continue
             x, y = batch
@@ -830,10 +928,17 @@ class FineTuner:
             preds.append(logits.argmax(1).cpu())
             targets.append(y.cpu())
         self.model.train(was_training)
-        if not targets:
+        t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+        p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        m = ClassificationMetrics.from_predictions(t, p, self.classes)
+        if sharded:  # counts summed over ranks: exactly the one-process metrics
+            matrix, loss_sum = all_reduce_sum(m.matrix, loss_sum)
+            m = ClassificationMetrics(self.classes, matrix.round().long(), None)
+            loss_sum = float(loss_sum)
+        if m.n == 0:
             raise ValueError("evaluation data is empty")
-        t, p = torch.cat(targets), torch.cat(preds)
-        return ClassificationMetrics.from_predictions(t, p, self.classes, loss=loss_sum / len(t))
+        m.loss = loss_sum / m.n
+        return m
 
     def cached_features(self, data: ImageFolderDataset, view: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled pre-logit features of ``data`` from the feature cache, computed on a miss.
@@ -858,12 +963,28 @@ class FineTuner:
         )
 
         def compute():
-            loader = self._loader(self._dataset(data, transform), self.eval_batch_size, shuffle=False)
-            bar = (lambda it: tqdm(it, desc="features", leave=False)) if self.config.progress else None
+            dataset = self._dataset(data, transform)
+            loader, sharded = self._eval_loader(dataset)  # under DDP each rank extracts its shard
+            bar = (lambda it: tqdm(it, desc="features", leave=False)) if self._progress else None
             with ctx() if ctx else contextlib.nullcontext():
-                return extract_features(self.model, loader, self._to_device, self._autocast, bar)
+                features = extract_features(self.model, loader, self._to_device, self._autocast, bar)
+            return gather_shards(features, len(dataset)) if sharded else features
 
-        return self.feature_cache.get_or_compute(key, compute)
+        if self.dist is None:
+            return self.feature_cache.get_or_compute(key, compute)
+        # Rank 0 decides hit or miss (and sends what it read) so all ranks take the same path,
+        # even when their disks differ; only rank 0 writes the cache file.
+        found = self.feature_cache.lookup(key, disk=False)  # memory is the same on every rank
+        if found is not None:
+            return found
+        found = broadcast_object(self.feature_cache.lookup(key) if self.is_main else None)
+        if found is not None:
+            self.feature_cache.store(key, found, write=False)
+            return found
+        self.feature_cache.misses += 1
+        value = compute()
+        self.feature_cache.store(key, value, write=self.is_main)
+        return value
 
     def _prepare(self, item: Any, max_pixels: int | None, max_bytes: int | None) -> torch.Tensor:
         if isinstance(item, (str, Path)):
