@@ -424,3 +424,11 @@ def test_compile_trains_the_same_model_through_torch_compile(data):
     assert compiled._compiled is not None and eager._compiled is None
     assert h_compiled[0]["train_loss"] == pytest.approx(h_eager[0]["train_loss"], rel=1e-4)
     torch.testing.assert_close(compiled.model.fc.weight, eager.model.fc.weight, atol=1e-4, rtol=1e-3)
+
+
+def test_predict_shows_a_progress_bar_only_when_asked(image_root, capsys):
+    photos = sorted(image_root.rglob("*.jpg"))[:3]
+    tiny_tuner(CLASSES, progress=True).predict(photos, batch_size=1)
+    assert "predict" in capsys.readouterr().err
+    tiny_tuner(CLASSES, progress=False).predict(photos, batch_size=1)
+    assert "predict" not in capsys.readouterr().err

@@ -47,7 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tlkit import FineTuner, ImageFolderDataset
 
-    tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
+    # Progress bars go to stderr, and only to a terminal: stdout stays one JSON object.
+    tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
     data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
     metrics = tuner.evaluate(data, batch_size=args.batch_size)
     out = metrics.to_dict()
@@ -77,7 +78,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from tlkit import FineTuner
 
-    tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
+    tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
     paths = _expand(args.images)
     preds = tuner.predict(paths, batch_size=args.batch_size, max_pixels=args.max_pixels,
                           max_bytes=args.max_bytes, tta=args.tta)

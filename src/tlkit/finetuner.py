@@ -1058,7 +1058,8 @@ class FineTuner:
         # and resize release the GIL); an unreadable file raises from result(), in order.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, chunks[0]) if chunks else None
-            for k in range(len(chunks)):
+            for k in tqdm(range(len(chunks)), desc="predict", unit="batch", leave=False,
+                          disable=not self._progress or len(chunks) < 2):
                 x = pending.result()
                 if k + 1 < len(chunks):
                     pending = pool.submit(prepare, chunks[k + 1])
