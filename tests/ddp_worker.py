@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from conftest import copy_sample, tiny_tuner  # noqa: E402
-from tlkit import FreezePolicy, ImageFolderDataset  # noqa: E402
+from tlkit import FreezePolicy, ImageFolderDataset, destroy_distributed  # noqa: E402
 
 CLASSES = ["cardboard", "glass", "metal"]
 
@@ -105,5 +105,4 @@ if __name__ == "__main__":
     try:
         run_plan(json.loads(Path(sys.argv[1]).read_text()))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_distributed()

@@ -112,3 +112,29 @@ def test_shards_cover_every_item_once_and_reassemble_in_order():
     x = torch.arange(n * 2).reshape(n, 2)
     assert gather_shards((x,), n)[0].equal(x)  # one process: unchanged
     assert [t.item() for t in all_reduce_sum(3, 4.5)] == [3.0, 4.5]
+
+
+def test_cli_train_under_torchrun_prints_and_writes_once(tmp_path):
+    import yaml
+
+    from ddp_worker import CLASSES
+    from conftest import copy_sample
+
+    copy_sample(tmp_path / "photos", CLASSES, per_class=6)
+    config = {"backbone": {"name": "test_resnet", "pretrained": False, "data_config": {"input_size": [3, 64, 64]}},
+              "data": {"root": str(tmp_path / "photos"), "val_fraction": 0.34},
+              "train": {"epochs": 2, "batch_size": 2, "progress": False, "precision": "fp32"},
+              "output_dir": str(tmp_path / "run")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "tlkit", "train", "--config", str(tmp_path / "run.yaml")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints the final metrics
+    assert lines[0]["n"] == 6  # 2 of 6 photos per class in validation, counted once over both ranks
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "confusion_matrix.png").is_file()

@@ -32,6 +32,7 @@ from tlkit import (
     FineTuner,
     RunConfig,
     apply_recipe,
+    destroy_distributed,
     load_datasets,
 )
 from tlkit.recipes import RECIPES
@@ -150,4 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        destroy_distributed()  # leaves torchrun's process group; a no-op in one process

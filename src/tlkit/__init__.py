@@ -26,7 +26,7 @@ from tlkit.data import (
     stratified_split,
 )
 from tlkit.demo import build_demo, launch_demo
-from tlkit.distributed import DistributedContext, distributed_context, init_distributed
+from tlkit.distributed import DistributedContext, destroy_distributed, distributed_context, init_distributed
 from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
 from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
@@ -89,6 +89,7 @@ __all__ = [
     "create_backbone",
     "create_transforms",
     "cross_validate",
+    "destroy_distributed",
     "distributed_context",
     "eval_resize_size",
     "extract_features",

@@ -271,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from tlkit.checkpoint import CheckpointError
 
+    from tlkit.distributed import destroy_distributed
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError) as e:
         print(f"tlkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        destroy_distributed()  # under torchrun; a no-op in one process

@@ -25,6 +25,7 @@ import torch.distributed as dist
 __all__ = [
     "DistributedContext",
     "init_distributed",
+    "destroy_distributed",
     "distributed_context",
     "launched_by_torchrun",
     "all_reduce_sum",
@@ -101,6 +102,16 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
     return distributed_context()
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if one is initialised (call once at the end of a torchrun script).
+
+    Exiting without it can make a process abort at interpreter shutdown while a gloo peer
+    still holds the connection.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(*values: torch.Tensor | float) -> list[torch.Tensor]:
