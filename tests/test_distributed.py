@@ -6,6 +6,7 @@ in this process. Weights are compared tensor by tensor and metrics epoch by epoc
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,24 @@ def test_cli_train_under_torchrun_prints_and_writes_once(tmp_path):
     assert lines[0]["n"] == 6  # 2 of 6 photos per class in validation, counted once over both ranks
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "confusion_matrix.png").is_file()
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"sync_batchnorm": True}, "sync_batchnorm needs CUDA: torch's SyncBatchNorm has no cpu kernel"),
+    ({"compile": True}, "compile=True is not supported under DDP"),
+])
+def test_ddp_only_options_fail_before_training_and_write_nothing(tmp_path, option, message):
+    from conftest import copy_sample, tiny_tuner
+    from tlkit import ImageFolderDataset
+    from tlkit.distributed import DistributedContext
+
+    classes = ["cardboard", "glass", "metal"]
+    train = ImageFolderDataset(copy_sample(tmp_path / "train", classes, per_class=2))
+    tuner = tiny_tuner(classes, output_dir=tmp_path / "run", **option)
+    before = {k: v.clone() for k, v in tuner.model.state_dict().items()}
+    tuner.dist = DistributedContext(rank=0, world_size=2, local_rank=0, backend="gloo")  # as under torchrun
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tuner.fit(train)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in tuner.model.modules())
+    assert all(torch.equal(before[k], v) for k, v in tuner.model.state_dict().items())
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
