@@ -16,8 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import copy_sample, tiny_tuner
 from ddp_worker import prepare_photos, run_plan
-from tlkit.distributed import all_reduce_sum, gather_shards, shard_indices
+from tlkit import ImageFolderDataset
+from tlkit.distributed import DistributedContext, all_reduce_sum, gather_shards, shard_indices
 
 HERE = Path(__file__).resolve().parent
 B = 4  # per process under torchrun; the one-process runs use 2 * B
@@ -146,10 +148,6 @@ def test_cli_train_under_torchrun_prints_and_writes_once(tmp_path):
     ({"compile": True}, "compile=True is not supported under DDP"),
 ])
 def test_ddp_only_options_fail_before_training_and_write_nothing(tmp_path, option, message):
-    from conftest import copy_sample, tiny_tuner
-    from tlkit import ImageFolderDataset
-    from tlkit.distributed import DistributedContext
-
     classes = ["cardboard", "glass", "metal"]
     train = ImageFolderDataset(copy_sample(tmp_path / "train", classes, per_class=2))
     tuner = tiny_tuner(classes, output_dir=tmp_path / "run", **option)
