@@ -10,8 +10,8 @@ import time again. The children run one after another:
 - ``"poll": n``: this parent SIGKILLs the child as soon as ``D/metrics.jsonl`` has ``n`` lines
   written by that child (a kill at whatever point the child has reached);
 - ``"kill": {"file": F, "epoch": e, "when": "after" | "during"}``: the child SIGKILLs itself
-  right after (or halfway through) writing file F in the epoch-end writes of epoch ``e`` or
-  later (a kill at an exact point between two checkpoint files).
+  right after (or halfway through) writing file F in the epoch-end writes of epoch number
+  ``e`` (1-based) or later (a kill at an exact point between two checkpoint files).
 
 Prints one JSON line: for each run, ``"killed"``, ``"exit 0"`` or ``"exit N"``.
 """
@@ -31,31 +31,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import tlkit.checkpoint as ck  # noqa: E402
-import tlkit.finetuner as ft  # noqa: E402
+import tlkit._training.state as run_state  # noqa: E402
 from conftest import tiny_tuner  # noqa: E402
 from tlkit import FreezePolicy, ImageFolderDataset  # noqa: E402
+from tlkit.callbacks import Callback  # noqa: E402
 
 CLASSES = ["cardboard", "glass", "metal"]
 POLICY = FreezePolicy.linear_probe().then(2, depth=-3, layer_decay=0.5)  # unfreezes at epoch 2
 EPOCHS = 4
 
 
-def install_kill_hook(kill: dict) -> None:
-    epoch_now: dict[str, int | None] = {"epoch": None}
-    write_epoch = ft.FineTuner._write_epoch
+class EpochTracker(Callback):
+    """Knows which epoch's end-of-epoch files are being written (None outside those writes)."""
 
-    def tracking_write_epoch(self, record, improved, *rest):
-        epoch_now["epoch"] = record["epoch"]
-        try:
-            return write_epoch(self, record, improved, *rest)
-        finally:
-            epoch_now["epoch"] = None
+    def __init__(self) -> None:
+        self.epoch: int | None = None
 
+    def on_epoch_end(self, tuner, record) -> None:
+        self.epoch = record["epoch"]
+
+    def on_checkpoint_saved(self, tuner, paths) -> None:
+        self.epoch = None
+
+
+def install_kill_hook(kill: dict) -> EpochTracker:
+    tracker = EpochTracker()
     write = ck.atomic_write_bytes
 
     def killing_write(path, data):
         path = Path(path)
-        hit = path.name == kill["file"] and (epoch_now["epoch"] or -1) >= kill["epoch"]
+        hit = path.name == kill["file"] and (tracker.epoch or -1) >= kill["epoch"]
         if hit and kill["when"] == "during":
             path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
@@ -64,18 +69,19 @@ def install_kill_hook(kill: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
-    ft.FineTuner._write_epoch = tracking_write_epoch
     ck.atomic_write_bytes = killing_write  # used by save_checkpoint and save_training_state
-    ft.atomic_write_bytes = killing_write  # metrics.jsonl
+    run_state.atomic_write_bytes = killing_write  # metrics.jsonl
+    return tracker
 
 
 def child(plan: dict, run: dict) -> None:
     try:
-        if run.get("kill"):
-            install_kill_hook(run["kill"])
+        tracker = install_kill_hook(run["kill"]) if run.get("kill") else None
         train = ImageFolderDataset(plan["train"])
         val = ImageFolderDataset(plan["val"])
         tuner = tiny_tuner(CLASSES, output_dir=run["dir"], policy=POLICY, epochs=EPOCHS)
+        if tracker is not None:
+            tuner.callbacks.append(tracker)
         tuner.fit(train, val, resume=bool(run.get("resume")))
     except BaseException:
         traceback.print_exc()

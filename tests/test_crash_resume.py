@@ -32,15 +32,15 @@ def test_resume_after_sigkill_at_any_point_is_bit_identical(tmp_path):
         # killed by the parent while epoch 1 runs (before the unfreeze boundary)
         {"dir": str(run), "poll": 1},
         # killed between last.safetensors and the files after it (the old write-order bug)
-        {"dir": str(run), "resume": True, "kill": {"file": "last.safetensors", "epoch": 1, "when": "after"}},
+        {"dir": str(run), "resume": True, "kill": {"file": "last.safetensors", "epoch": 2, "when": "after"}},
         # killed by the parent as soon as this run has written two epochs (at the boundary)
         {"dir": str(run), "resume": True, "poll": 2},
         # killed halfway through writing the resume state of the boundary epoch
-        {"dir": str(run), "resume": True, "kill": {"file": "last.state.pt", "epoch": 2, "when": "during"}},
+        {"dir": str(run), "resume": True, "kill": {"file": "last.state.pt", "epoch": 3, "when": "during"}},
         # killed by the parent once the boundary epoch is recorded (after the boundary)
         {"dir": str(run), "resume": True, "poll": 3},
         # killed after the final resume state, before any other file of the last epoch
-        {"dir": str(run), "resume": True, "kill": {"file": "last.state.pt", "epoch": 3, "when": "after"}},
+        {"dir": str(run), "resume": True, "kill": {"file": "last.state.pt", "epoch": 4, "when": "after"}},
         {"dir": str(run), "resume": True},
     ]
     plan = tmp_path / "plan.json"
@@ -61,5 +61,5 @@ def test_resume_after_sigkill_at_any_point_is_bit_identical(tmp_path):
             assert torch.equal(got[k], want[k]), f"{name}: {k}"
         assert got_meta["epoch"] == want_meta["epoch"] and got_meta["metrics"] == want_meta["metrics"]
     assert _records(run) == _records(ref)
-    assert [r["epoch"] for r in _records(run)] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in _records(run)] == [1, 2, 3, 4]
     assert not list(run.glob(".*tmp*"))  # half-written temporaries of killed runs are cleaned up

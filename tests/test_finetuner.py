@@ -6,6 +6,7 @@ from safetensors import safe_open
 
 from conftest import copy_sample, tiny_tuner
 from tlkit import CheckpointError, FineTuner, FreezePolicy, ImageFolderDataset
+from tlkit.callbacks import Callback
 from tlkit.cli import main as cli_main
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -22,7 +23,7 @@ def test_fit_records_every_metric_and_writes_the_run_folder(data, tmp_path):
     train, val = data
     tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run")
     history = tuner.fit(train, val)
-    assert [r["epoch"] for r in history] == [0, 1]
+    assert [r["epoch"] for r in history] == [1, 2]
     r = history[-1]
     assert set(r) >= {"train_loss", "val_loss", "top1", "macro_f1", "per_class_recall", "confusion_matrix"}
     assert sum(map(sum, r["confusion_matrix"])) == len(val) == 6
@@ -31,7 +32,7 @@ def test_fit_records_every_metric_and_writes_the_run_folder(data, tmp_path):
     for f in ("best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"):
         assert (run / f).is_file(), f
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     assert not list(run.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 
@@ -96,10 +97,10 @@ def test_resume_across_an_unfreeze_boundary_is_bit_identical(data, tmp_path, mon
     full.fit(train, val)
 
     # The same run dies right after writing the checkpoint of epoch `crash_after`.
-    _crash_after_epoch(monkeypatch, crash_after)
+    crashing = tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3)
+    crashing.callbacks.append(CrashAfter(crash_after + 1))
     with pytest.raises(Crash):
-        tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3).fit(train, val)
-    monkeypatch.undo()
+        crashing.fit(train, val)
 
     resumed = tiny_tuner(CLASSES, output_dir=tmp_path / "part", policy=policy, epochs=3)
     resumed.fit(train, val, resume=True)
@@ -130,7 +131,7 @@ def test_nan_loss_names_epoch_and_step(tmp_path):
     x[5] = float("nan")  # the second batch of 4 holds a NaN image
     data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     tuner = tiny_tuner(CLASSES, output_dir=tmp_path / "run")
-    with pytest.raises(FloatingPointError, match=r"nan at epoch 0 step \d"):
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 1 step \d"):
         tuner.fit(data)
 
 
@@ -175,15 +176,15 @@ def test_resume_in_a_run_folder_without_files_starts_at_epoch_0(data, tmp_path):
         tiny_tuner(CLASSES).fit(train, val, resume=tmp_path / "elsewhere.state.pt")
 
 
-def _crash_after_epoch(monkeypatch, epoch):
-    write = FineTuner._write_epoch
+class CrashAfter(Callback):
+    """Raises Crash once the files of epoch ``epoch`` (1-based) are written."""
 
-    def write_then_crash(self, record, improved, *rest):
-        write(self, record, improved, *rest)
-        if record["epoch"] == epoch:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_checkpoint_saved(self, tuner, paths):
+        if tuner.epoch == self.epoch:
             raise Crash
-
-    monkeypatch.setattr(FineTuner, "_write_epoch", write_then_crash)
 
 
 def test_resume_state_holds_the_weights_and_resumes_without_the_safetensors(data, tmp_path, monkeypatch):
@@ -191,10 +192,10 @@ def test_resume_state_holds_the_weights_and_resumes_without_the_safetensors(data
     run = tmp_path / "run"
     full = tiny_tuner(CLASSES, output_dir=tmp_path / "full", epochs=2)
     full.fit(train, val)
-    _crash_after_epoch(monkeypatch, 0)
+    crashing = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    crashing.callbacks.append(CrashAfter(1))
     with pytest.raises(Crash):
-        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
-    monkeypatch.undo()
+        crashing.fit(train, val)
     (run / "last.safetensors").unlink()  # e.g. killed between the state and the checkpoint
     (run / "best.safetensors").unlink()
     resumed = tiny_tuner(CLASSES, output_dir=run, epochs=2)
@@ -212,10 +213,10 @@ def test_resume_reads_a_state_written_by_tlkit_0_1_0(data, tmp_path, monkeypatch
     run = tmp_path / "run"
     full = tiny_tuner(CLASSES, epochs=2)
     full.fit(train, val)
-    _crash_after_epoch(monkeypatch, 0)
+    crashing = tiny_tuner(CLASSES, output_dir=run, epochs=2)
+    crashing.callbacks.append(CrashAfter(1))
     with pytest.raises(Crash):
-        tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
-    monkeypatch.undo()
+        crashing.fit(train, val)
     state = load_training_state(run / "last.state.pt")
     del state["model"]
     save_training_state(run / "last.state.pt", state)
@@ -246,12 +247,12 @@ def test_damaged_run_files_are_named_and_the_others_still_load(data, tmp_path, n
     if name == "last.state.pt":
         with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
             tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)
-        assert FineTuner.load(run / "last.safetensors").epoch == 0
+        assert FineTuner.load(run / "last.safetensors").epoch == 1
     else:
         with pytest.raises(CheckpointError, match=f"{path}: .*(truncated|corrupted)"):
             FineTuner.load(path)
-        assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
-    assert FineTuner.load(run / "best.safetensors").epoch == 0
+        assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 2
+    assert FineTuner.load(run / "best.safetensors").epoch == 1
 
 
 def test_a_failed_write_keeps_the_previous_files(data, tmp_path, monkeypatch):
@@ -273,10 +274,10 @@ def test_a_failed_write_keeps_the_previous_files(data, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val)
     monkeypatch.undo()
-    assert load_training_state(run / "last.state.pt")["epoch"] == 1  # epoch 0 done, epoch 1 not
-    assert FineTuner.load(run / "last.safetensors").epoch == 0
+    assert load_training_state(run / "last.state.pt")["epoch"] == 1  # epoch 1 done, epoch 2 not
+    assert FineTuner.load(run / "last.safetensors").epoch == 1
     assert not list(run.glob(".*tmp*"))
-    assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 1
+    assert tiny_tuner(CLASSES, output_dir=run, epochs=2).fit(train, val, resume=True)[-1]["epoch"] == 2
 
 
 def test_load_adapts_the_head_to_other_classes_only_when_asked(tmp_path):
@@ -346,10 +347,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     run = tmp_path / "run"
     tuner = tiny_tuner(CLASSES, output_dir=run, epochs=3)
-    with pytest.raises(FloatingPointError, match=r"nan at epoch 1 step 2; the last good checkpoint is kept"):
-        tuner.fit(PoisonedAfter(clean=8))  # epoch 0 (2 batches of 4) is clean
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 2 step 2; the last good checkpoint is kept"):
+        tuner.fit(PoisonedAfter(clean=8))  # epoch 1 (2 batches of 4) is clean
     saved = FineTuner.load(run / "last.safetensors")
-    assert saved.epoch == 0
+    assert saved.epoch == 1
     state = load_training_state(run / "last.state.pt")
     assert state["epoch"] == 1
     for k, v in saved.model.state_dict().items():

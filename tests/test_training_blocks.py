@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import SMALL, copy_sample, tiny_tuner
+from tlkit.callbacks import Callback
 from tlkit import (
     AugmentConfig,
     FineTuner,
@@ -57,22 +58,23 @@ def test_auto_augment_policies_come_from_torchvision_and_timm():
 
 
 # -- mixup --------------------------------------------------------------------------------------
-def test_mixup_trains_on_convex_mixes_of_each_batch_with_its_reverse(data, monkeypatch):
-    import tlkit.finetuner
+def test_mixup_trains_on_convex_mixes_of_each_batch_with_its_reverse(data):
+    from tlkit import skip_none_collate
 
     train, _ = data
     tuner = deterministic(tiny_tuner(CLASSES, epochs=1, batch_size=12, mixup_alpha=1.0))
     seen, batches = [], []
     tuner.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    collate = tlkit.finetuner.skip_none_collate
 
     def record(items):  # the batch as loaded, before mixing
-        out = collate(items)
+        out = skip_none_collate(items)
         batches.append(out[0].clone())
         return out
 
-    monkeypatch.setattr(tlkit.finetuner, "skip_none_collate", record)
-    tuner.fit(train)
+    # A DataLoader of the user's own is trained on as it is: the seam to see the batch before mixing.
+    loader = torch.utils.data.DataLoader(train.with_transform(tuner.train_transform), batch_size=12,
+                                         shuffle=True, drop_last=True, collate_fn=record)
+    tuner.fit(loader)
     (x,), (x0,) = seen, batches
     flipped = x0.flip(0)
     diff = x0 - flipped
@@ -149,14 +151,13 @@ def test_ema_resume_matches_an_uninterrupted_run(data, tmp_path):
     whole = deterministic(tiny_tuner(CLASSES, epochs=3, ema_decay=0.9, output_dir=tmp_path / "a"))
     whole.fit(train, val)
     first = deterministic(tiny_tuner(CLASSES, epochs=3, ema_decay=0.9, output_dir=tmp_path / "b"))
-    original = first._write_epoch
 
-    def stop_after_second(record, improved, *rest):
-        original(record, improved, *rest)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
+    class StopAfterSecond(Callback):
+        def on_checkpoint_saved(self, tuner, paths):
+            if tuner.epoch == 2:
+                raise KeyboardInterrupt
 
-    first._write_epoch = stop_after_second
+    first.callbacks.append(StopAfterSecond())
     with pytest.raises(KeyboardInterrupt):
         first.fit(train, val)
     again = deterministic(tiny_tuner(CLASSES, epochs=3, ema_decay=0.9, output_dir=tmp_path / "b"))
@@ -171,13 +172,13 @@ def test_early_stopping_waits_patience_epochs_and_restarts_at_a_phase(data, tmp_
     # lr 1e-12: top-1 never improves after epoch 0
     flat = tiny_tuner(CLASSES, epochs=8, lr=1e-12, early_stopping_patience=2, output_dir=tmp_path / "a")
     hist = flat.fit(train, val)
-    assert [r["epoch"] for r in hist] == [0, 1, 2] and hist[-1]["early_stop"] is True
+    assert [r["epoch"] for r in hist] == [1, 2, 3] and hist[-1]["early_stop"] is True
     assert flat.epoch == 3
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3
     # a phase starting at epoch 2 gets its own patience: stop at epoch 3, not 2
     phased = tiny_tuner(CLASSES, epochs=8, lr=1e-12, early_stopping_patience=2,
                         policy=FreezePolicy.linear_probe().then(2, depth=0))
-    assert [r["epoch"] for r in phased.fit(train, val)] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in phased.fit(train, val)] == [1, 2, 3, 4]
     # without patience every epoch runs
     assert len(tiny_tuner(CLASSES, epochs=4, lr=1e-12).fit(train, val)) == 4
 

@@ -3,7 +3,7 @@
     from tlkit import FreezePolicy, HeadReplacer, FineTuner
 """
 
-__version__ = "0.1.0"
+from tlkit._version import __version__
 
 from tlkit.backbone import create_backbone, load_weights, read_state_dict, resolve_data_config
 from tlkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -29,7 +29,8 @@ from tlkit.demo import build_demo, launch_demo
 from tlkit.distributed import DistributedContext, destroy_distributed, distributed_context, init_distributed
 from tlkit.features import FeatureCache, extract_features
 from tlkit.finetuner import FineTuner, Prediction
-from tlkit.freeze import FreezePolicy, ParamGroup, Phase, cosine_lr_factor, parameter_groups
+from tlkit.freeze import FreezePolicy, ParamGroup, Phase, parameter_groups
+from tlkit.schedule import cosine_lr_factor
 from tlkit.head import HeadReplacer, TaskHead
 from tlkit.images import (
     IMAGE_EXTENSIONS,

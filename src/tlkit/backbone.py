@@ -126,7 +126,7 @@ def load_weights(
         head_only_missing = set(file_sd) <= set(model_sd) and len(set(file_sd) & set(model_sd)) > 0.9 * len(file_sd)
         key_mapping = "exact" if same or head_only_missing else "by_order"
     if key_mapping == "exact":
-        from tlkit.head import classifier_param_names
+        from tlkit._introspect import classifier_param_names
 
         unexpected = [k for k in file_sd if k not in model_sd]
         missing = [k for k in model_sd if k not in file_sd and _COUNTER not in k]

@@ -125,7 +125,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                                       allow_missing_classes=True).samples[:16]]
         else:
             files = _expand([str(args.check)])[:16]
-        x = torch.stack([tuner._prepare(f, MAX_PIXELS, MAX_BYTES) for f in files])  # as predict reads them
+        x = torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])  # as predict reads them
         result.update(checked_images=len(files), max_abs_logit_diff=check_onnx(out, tuner.model, x))
     print(json.dumps(result))
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlkit._training.rng import seeded
 from tlkit.checkpoint import atomic_write_bytes, tensors_sha256
 
 __all__ = ["FeatureCache", "extract_features", "weights_digest", "classifier_is_last_step"]
@@ -158,21 +159,3 @@ class FeatureCache:
             value = compute()
             self.store(key, value)
         return value
-
-
-def seeded(seed: int) -> Callable[[], Any]:
-    """A context manager factory that runs a block under fixed torch/python RNG seeds, then restores them."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
-
-    return ctx

@@ -25,7 +25,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tlkit._introspect import batchnorm_modules, classifier_param_names
 from tlkit._strict import StrictModel
+from tlkit.schedule import cosine_lr_factor
 
 __all__ = [
     "Phase",
@@ -114,7 +116,6 @@ def parameter_groups(model: nn.Module) -> list[ParamGroup]:
     Returns:
         Groups in forward order; every parameter appears in exactly one group.
     """
-    from tlkit.head import classifier_param_names
 
     all_names = [n for n, _ in model.named_parameters()]
     head = set(classifier_param_names(model))
@@ -147,11 +148,6 @@ def parameter_groups(model: nn.Module) -> list[ParamGroup]:
     if head:
         groups.append(ParamGroup("head", tuple(n for n in all_names if n in head)))
     return groups
-
-
-def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """All BatchNorm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's ``BatchNormAct2d``)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
 def _hold_eval(module: nn.Module, args: tuple) -> None:
@@ -391,23 +387,3 @@ class FreezePolicy(StrictModel):
                 optimizer.add_param_group(group)
                 joined += group["param_names"]
         return joined
-
-
-def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up then half-cosine decay (Loshchilov & Hutter, SGDR, 2017), as a factor in [0, 1].
-
-    Written as a pure function rather than a ``torch.optim.lr_scheduler`` because parameter
-    groups join the optimizer mid-run at phase boundaries, and torch schedulers capture their
-    ``base_lrs`` once at construction.
-
-    Args:
-        step: optimizer steps taken so far (0-based).
-        total_steps: steps in the whole run.
-        warmup_steps: steps of linear warm-up from ``1 / (warmup_steps + 1)`` to 1.
-        min_ratio: the factor reached at ``step == total_steps`` (the end of the run).
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

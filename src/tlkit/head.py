@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tlkit._introspect import classifier_module_names, classifier_param_names
 from tlkit.config import HeadConfig
 
 __all__ = ["HeadReplacer", "TaskHead", "classifier_module_names", "classifier_param_names"]
@@ -47,45 +48,6 @@ class TaskHead(nn.Module):
             x = self.drop_hidden(self.act(self.hidden(x)))
         x = self.fc(x)
         return x[:, :, None, None] if spatial else x
-
-
-def classifier_module_names(model: nn.Module) -> list[str]:
-    """Dotted names of the classifier module(s) returned by ``model.get_classifier()``.
-
-    Two names for distilled models (``head``, ``head_dist``). Falls back to
-    ``pretrained_cfg["classifier"]`` for models whose ``get_classifier`` is missing.
-
-    Raises:
-        ValueError: no classifier can be found.
-    """
-    getter = getattr(model, "get_classifier", None)
-    if callable(getter):
-        found = getter()
-        targets = found if isinstance(found, (tuple, list)) else (found,)
-        by_id = {id(m): n for n, m in model.named_modules() if n}
-        names = [by_id[id(t)] for t in targets if id(t) in by_id]
-        if len(names) == len(targets):
-            return names
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    declared = cfg.get("classifier")
-    if declared:
-        declared = [declared] if isinstance(declared, str) else list(declared)
-        modules = dict(model.named_modules())
-        if all(n in modules for n in declared):
-            return declared
-    raise ValueError(
-        f"cannot find the classifier of {type(model).__name__}: it has no get_classifier() "
-        "and no pretrained_cfg['classifier'] naming a submodule"
-    )
-
-
-def classifier_param_names(model: nn.Module) -> list[str]:
-    """Names of all parameters of the classifier module(s), in model order."""
-    try:
-        prefixes = tuple(f"{n}." for n in classifier_module_names(model))
-    except ValueError:
-        return []
-    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
 def _in_features(module: nn.Module, model: nn.Module) -> int:

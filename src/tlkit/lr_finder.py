@@ -29,6 +29,8 @@ class LRFinderResult:
         suggestion: the learning rate of steepest descent of ``losses`` over ``log(lrs)``;
             ``None`` if fewer than 5 steps ran.
         diverged: ``True`` if the sweep stopped early because the loss blew up.
+        loss_scale: the GradScaler's final scale under float16 autocast (the sweep runs
+            through the same train step as `FineTuner.fit`), else ``None``.
     """
 
     lrs: list[float]
@@ -36,6 +38,7 @@ class LRFinderResult:
     raw_losses: list[float] = field(default_factory=list)
     suggestion: float | None = None
     diverged: bool = False
+    loss_scale: float | None = None
 
     @staticmethod
     def steepest(lrs: list[float], losses: list[float]) -> float | None:

@@ -100,7 +100,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path, bounda
         ``path``.
     """
     plt = _pyplot()
-    epochs = [r["epoch"] + 1 for r in history]
+    epochs = [r["epoch"] for r in history]  # 1-based epoch numbers
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
     if any("val_loss" in r for r in history):
@@ -167,7 +167,7 @@ def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | 
         f"std {meta['data_config']['std']}, {meta['data_config']['interpolation']} resize, "
         f"crop_pct {meta['data_config']['crop_pct']}.",
         f"- Trained with tlkit {meta['tlkit_version']}: {len(tuner.history)} epochs "
-        f"(best by {tuner.config.best_metric}: epoch {best + 1 if best is not None else 'n/a'}), "
+        f"(best by {tuner.config.best_metric}: epoch {best if best is not None else 'n/a'}), "
         f"freeze policy `{json.dumps(meta['freeze_policy'])}`.",
         "",
         "## Data",
@@ -216,7 +216,7 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
         metrics = ClassificationMetrics(tuner.classes, torch.tensor(record["confusion_matrix"]), record.get("val_loss"))
         report = {**class_report(metrics), "epoch": record["epoch"]}
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
-        atomic_write_bytes(out / "report.md", (f"# Validation report (epoch {record['epoch'] + 1})\n\n"
+        atomic_write_bytes(out / "report.md", (f"# Validation report (epoch {record['epoch']})\n\n"
                                                + class_report_markdown(report)).encode())
         atomic_write_bytes(out / "MODEL_CARD.md", model_card(tuner, report, data).encode())
         written.update(report_json=out / "report.json", report_md=out / "report.md", model_card=out / "MODEL_CARD.md")

@@ -1,0 +1,258 @@
+"""Callbacks: code that runs at named moments of `FineTuner.fit`, with state that resume restores.
+
+Hooks, in the order they run (``epoch`` is the 1-based number of the epoch, the number its
+record in ``FineTuner.history`` and ``metrics.jsonl`` carries)::
+
+    on_fit_start(tuner, train, val)
+      for each epoch:
+        on_epoch_start(tuner, epoch)
+        on_phase_start(tuner, epoch, joined)      # a FreezePolicy phase begins (not epoch 1)
+        on_train_batch_end(tuner, loss, batch_size)   # after each optimizer step
+        on_validation_end(tuner, metrics)         # when there is validation data
+        on_epoch_end(tuner, record)               # before the epoch's files are written
+        on_checkpoint_saved(tuner, paths)         # after them (with output_dir set)
+    on_fit_end(tuner)
+
+Rules (after Lightning's callbacks and fastai's ``Learner`` events):
+
+* ``on_epoch_end`` runs before the resume state is written, so whatever a callback records
+  there, in ``record`` (extra keys land in ``metrics.jsonl``) or in its own `Callback.state_dict`,
+  survives a kill and a resume exactly. State changed in ``on_checkpoint_saved`` or
+  ``on_fit_end`` is saved with the next epoch only.
+* Setting ``tuner.should_stop = True`` (in any hook up to ``on_epoch_end``) ends training after
+  the epoch; under torchrun the stop is taken when any rank asks for it.
+* Callbacks run on every rank; write files only where ``tuner.is_main``.
+* `Callback.state_dict` must hold tensors, numbers, strings, lists and dicts only: it is read
+  back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from tlkit.finetuner import FineTuner
+    from tlkit.metrics import ClassificationMetrics
+
+__all__ = ["HOOKS", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport"]
+
+HOOKS = ("on_fit_start", "on_epoch_start", "on_phase_start", "on_train_batch_end", "on_validation_end",
+         "on_epoch_end", "on_checkpoint_saved", "on_fit_end")
+
+_LOWER_IS_BETTER = {"val_loss", "train_loss"}
+
+
+class Callback:
+    """Base class: override the hooks you need (each receives the `FineTuner` first)."""
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in the resume state (default: the class name)."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save with each epoch (tensors, numbers, strings, lists, dicts); default none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, on resume (before ``on_fit_start``)."""
+
+    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+        """Training begins (or resumes: ``tuner.epoch`` epochs are already done)."""
+
+    def on_epoch_start(self, tuner: FineTuner, epoch: int) -> None:
+        """Epoch ``epoch`` (1-based) begins; the freeze policy has been applied."""
+
+    def on_phase_start(self, tuner: FineTuner, epoch: int, joined: list[str]) -> None:
+        """A FreezePolicy phase begins at epoch ``epoch``; ``joined``: parameters that joined the optimizer."""
+
+    def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:
+        """An optimizer step was taken (``tuner.step`` counts it); ``loss``: its mean loss."""
+
+    def on_validation_end(self, tuner: FineTuner, metrics: ClassificationMetrics) -> None:
+        """The epoch's validation finished."""
+
+    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+        """The epoch's record is complete (and in ``tuner.history``); its files are not written yet."""
+
+    def on_checkpoint_saved(self, tuner: FineTuner, paths: dict[str, Path]) -> None:
+        """The epoch's files were written: ``paths`` maps ``state``, ``last``, ``best``, ``metrics``."""
+
+    def on_fit_end(self, tuner: FineTuner) -> None:
+        """Training finished (all epochs, or a stop); EMA weights, if any, are in ``tuner.model``."""
+
+
+class CallbackList:
+    """Calls a hook on every callback in order, and gathers their states by `Callback.state_key`."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self.callbacks = list(callbacks)
+
+    def call(self, hook: str, *args: Any) -> None:
+        """Run ``hook`` (one of `HOOKS`) on each callback."""
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def _keys(self) -> list[str]:
+        keys, seen = [], {}
+        for cb in self.callbacks:
+            k = cb.state_key
+            seen[k] = seen.get(k, 0) + 1
+            keys.append(k if seen[k] == 1 else f"{k}#{seen[k]}")
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{state_key: state}`` of every callback with a non-empty state."""
+        return {k: s for k, cb in zip(self._keys(), self.callbacks) if (s := cb.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give each callback its saved state (callbacks without one are left as built)."""
+        for k, cb in zip(self._keys(), self.callbacks):
+            if k in state:
+                cb.load_state_dict(state[k])
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over each epoch's batches with the running loss (main process only)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._sum, self._seen = 0.0, 0
+
+    def on_epoch_start(self, tuner: FineTuner, epoch: int) -> None:
+        if tuner.is_main:
+            self._bar = tqdm(total=tuner.steps_per_epoch, desc=f"epoch {epoch}/{tuner.config.epochs}", leave=False)
+        self._sum, self._seen = 0.0, 0
+
+    def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:
+        if self._bar is not None:
+            self._sum, self._seen = self._sum + loss * batch_size, self._seen + batch_size
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{self._sum / self._seen:.4f}")
+
+    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+        self._close()
+
+    def on_fit_end(self, tuner: FineTuner) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class EpochLogger(Callback):
+    """One line per epoch (losses, top-1, macro-F1, trainable parameters, seconds; ``*best*``)."""
+
+    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+        if not tuner.is_main:
+            return
+        s = f"epoch {record['epoch']}/{tuner.config.epochs}  train_loss {record['train_loss']:.4f}"
+        if "top1" in record:
+            s += f"  val_loss {record['val_loss']:.4f}  top1 {record['top1']:.4f}  macro_f1 {record['macro_f1']:.4f}"
+        s += f"  trainable {record['trainable_params']:,}  {record['seconds']:.1f}s"
+        tqdm.write(s + ("  *best*" if tuner.best.get("epoch") == record["epoch"] else ""))
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs, counted from the last phase boundary.
+
+    A newly unfrozen phase gets its own patience: its first epochs often score below the
+    previous phase's best while the unfrozen stages adapt.
+
+    Args:
+        patience: epochs without improvement before stopping (``>= 1``).
+        monitor: a key of the epoch record (``"top1"``, ``"macro_f1"``, ``"val_loss"``...);
+            default ``TrainConfig.best_metric``.
+        mode: ``"max"``, ``"min"``, or ``None`` for ``"min"`` on losses and ``"max"`` otherwise.
+        verbose: print a line when stopping (main process, with ``TrainConfig.progress``).
+
+    Marks the last record with ``early_stop: True``; a resumed run that had stopped does not train on.
+    """
+
+    def __init__(self, patience: int, monitor: str | None = None, mode: str | None = None, verbose: bool = True) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1, got {patience}")
+        self.patience, self.monitor, self.mode, self.verbose = patience, monitor, mode, verbose
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self._restored = state.get("best"), state.get("best_epoch"), True
+
+    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+        self.monitor = self.monitor or tuner.config.best_metric
+        if not self._restored:  # a fresh run, or a state written without callbacks: replay the history
+            self.best, self.best_epoch = None, None
+            for r in tuner.history:
+                self._observe(r)
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        lower = self.mode == "min" or (self.mode is None and self.monitor in _LOWER_IS_BETTER)
+        return value < self.best if lower else value > self.best
+
+    def _observe(self, record: dict[str, Any]) -> None:
+        value = record.get(self.monitor)
+        if value is not None and math.isfinite(value) and self._better(value):
+            self.best, self.best_epoch = float(value), int(record["epoch"])
+
+    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+        if record.get(self.monitor) is None:
+            return  # no validation this epoch: nothing to judge
+        self._observe(record)
+        epoch = record["epoch"]
+        phase_start = max([b + 1 for b in tuner.policy.boundaries() if b < epoch], default=1)
+        since = max(self.best_epoch or 0, phase_start - 1)
+        if epoch - since >= self.patience:
+            record["early_stop"] = True
+            tuner.should_stop = True
+            if self.verbose and tuner.is_main and tuner.config.progress:
+                tqdm.write(f"early stop: no better {self.monitor} for {self.patience} epoch(s)")
+
+
+class RunReport(Callback):
+    """At the end of fit, write plots, ``report.md``/``report.json`` and ``MODEL_CARD.md`` (see `tlkit.report`)."""
+
+    def __init__(self) -> None:
+        self.facts: dict[str, Any] = {}
+
+    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+        from tlkit._training.loaders import dataset_length
+
+        self.facts = {"train_images": dataset_length(train)}
+        if val is not None:
+            self.facts["val_images"] = dataset_length(val)
+        if hasattr(train, "root"):
+            self.facts["root"] = str(train.root)
+
+    def on_fit_end(self, tuner: FineTuner) -> None:
+        if tuner.output_dir is not None and tuner.history and tuner.is_main:
+            from tlkit.report import write_run_report
+
+            write_run_report(tuner, tuner.output_dir, self.facts)
+
+
+def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
+    """The built-in callbacks a `TrainConfig` asks for, then the user's, in that order."""
+    cfg = tuner.config
+    built: list[Callback] = [ProgressBar(), EpochLogger()] if cfg.progress else []
+    if cfg.early_stopping_patience is not None:
+        built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
+    built.append(RunReport())
+    if getattr(cfg, "loggers", None):
+        from tlkit.loggers import logger_callbacks
+
+        built += logger_callbacks(cfg.loggers)
+    return CallbackList([*built, *user])
