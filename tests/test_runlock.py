@@ -21,7 +21,8 @@ RUNLOCK_PY = Path(runlock.__file__)
 LOAD = (f"import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('runlock', {str(RUNLOCK_PY)!r})\n"
         f"runlock = importlib.util.module_from_spec(spec); spec.loader.exec_module(runlock)\n")
-HOLD = LOAD + "lock = runlock.RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\nimport time; time.sleep(60)\n"
+HOLD = LOAD + ("lock = runlock.RunLock(sys.argv[1]).acquire()\n"
+               "print('locked', flush=True)\nimport time; time.sleep(60)\n")
 FORK_AND_HOLD = LOAD + (
     "import os, time\nlock = runlock.RunLock(sys.argv[1]).acquire()\nr, w = os.pipe()\n"
     "child = os.fork()\n"
@@ -29,7 +30,8 @@ FORK_AND_HOLD = LOAD + (
     "os.read(r, 1)  # the child runs (its fork handlers have run)\n"
     "print('locked', child, flush=True)\ntime.sleep(60)\n")
 TRY = LOAD + ("try:\n    runlock.RunLock(sys.argv[1]).acquire()\n    print('acquired')\n"
-              "except Exception as e:\n    print(type(e).__name__, e.errno if isinstance(e, OSError) else '', str(e), sep='|')\n")
+              "except Exception as e:\n"
+              "    print(type(e).__name__, e.errno if isinstance(e, OSError) else '', str(e), sep='|')\n")
 
 
 @pytest.fixture
@@ -112,7 +114,7 @@ def test_a_forked_child_that_outlives_the_holder_does_not_keep_the_lock(tmp_path
 def test_a_second_acquire_in_the_same_process_refuses(tmp_path):
     run = tmp_path / "run"
     with RunLock(run) as first:
-        for spelling in (run, run / "." , tmp_path / ".." / tmp_path.name / "run"):
+        for spelling in (run, run / ".", tmp_path / ".." / tmp_path.name / "run"):
             with pytest.raises(RunLockedError, match=f"already locked by this process \\(pid {os.getpid()}"):
                 RunLock(spelling).acquire()
         with pytest.raises(RunLockedError, match="already held"):
