@@ -79,6 +79,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
 
     A crash leaves either the old file or the new one, never a half-written file.
+
+    Raises:
+        OSError: the write failed (full disk, no permission, ...); its ``filename`` is ``path``
+            (a failed rename keeps both names).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # Name the file the caller asked for: write and fsync errors name none, open errors the
+        # hidden temporary file (rename errors name both, and stay as they are).
+        if e.errno is not None and e.filename2 is None:
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
