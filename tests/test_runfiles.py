@@ -29,18 +29,18 @@ def test_atomic_write_bytes_names_the_file_it_failed_to_write(tmp_path, disk_ful
 
 def test_a_full_disk_on_the_state_keeps_the_previous_epoch_in_one_line(tmp_path, disk_full):
     run = tmp_path / "run"
-    save_training_state(run / "last.state.pt", {"epoch": 3})  # what epoch 2 left
+    save_training_state(run / "last.state.pt", {"epoch": 2})  # what epoch 2 left
     disk_full()
     with pytest.raises(RunFileError) as caught:
         with run_file_writes(run, epoch=3):
-            save_training_state(run / "last.state.pt", {"epoch": 4})
+            save_training_state(run / "last.state.pt", {"epoch": 3})
     assert str(caught.value) == (
         f"{run / 'last.state.pt'}: No space left on device (errno 28) while writing the files of epoch 3; "
         "the resume state of epoch 2 is kept; free space and rerun with --resume (resume=True in Python)")
     e = caught.value
     assert isinstance(e, OSError) and (e.errno, e.filename, e.epoch) == (28, str(run / "last.state.pt"), 3)
     assert isinstance(e.__cause__, OSError) and not isinstance(e.__cause__, RunFileError)
-    assert load_training_state(run / "last.state.pt")["epoch"] == 3
+    assert load_training_state(run / "last.state.pt")["epoch"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["last.state.pt"]
 
 
@@ -53,10 +53,10 @@ def test_a_full_disk_after_the_state_says_resume_rewrites_the_rest(tmp_path, dis
             save_checkpoint(tmp_path / "last.safetensors", {"w": torch.zeros(2)}, {})
 
 
-def test_in_the_first_epoch_resume_starts_at_epoch_0(tmp_path, disk_full):
+def test_in_the_first_epoch_resume_starts_at_epoch_1(tmp_path, disk_full):
     disk_full()
-    with pytest.raises(RunFileError, match="no epoch had ended yet, so resume starts at epoch 0"):
-        with run_file_writes(tmp_path, epoch=0):
+    with pytest.raises(RunFileError, match="no epoch had ended yet, so resume starts at epoch 1"):
+        with run_file_writes(tmp_path, epoch=1):
             save_training_state(tmp_path / "last.state.pt", {"epoch": 1})
 
 

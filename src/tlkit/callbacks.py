@@ -239,9 +239,11 @@ class RunReport(Callback):
 
     def on_fit_end(self, tuner: FineTuner) -> None:
         if tuner.output_dir is not None and tuner.history and tuner.is_main:
+            from tlkit._training.runfiles import run_file_writes
             from tlkit.report import write_run_report
 
-            write_run_report(tuner, tuner.output_dir, self.facts)
+            with run_file_writes(tuner.output_dir):
+                write_run_report(tuner, tuner.output_dir, self.facts)
 
 
 def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:

@@ -32,16 +32,39 @@ def _run_config(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from tlkit import FineTuner, load_datasets
 
+    from tlkit._training.guard import run_guard
+
     config = _run_config(args)
     train, val = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
-    if tuner.is_main:
-        config.to_file(Path(config.output_dir) / "config.yaml")
-    tuner.fit(train, val, resume=args.resume)
+    try:
+        with run_guard(tuner):  # the lock comes before config.yaml: a second run never overwrites it
+            if tuner.is_main:
+                config.to_file(Path(config.output_dir) / "config.yaml")
+            tuner.fit(train, val, resume=args.resume)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, tuner, args)
     metrics = tuner.evaluate(val).to_dict()  # every rank takes part; rank 0 prints
     if tuner.is_main:
         print(json.dumps(metrics))
     return 0
+
+
+def _interrupted(error: KeyboardInterrupt, tuner, args: argparse.Namespace) -> int:
+    """Say what Ctrl-C or SIGTERM left behind and how to continue; the exit status is 128 + signal."""
+    import shlex
+
+    from tlkit._training.signals import exit_status
+
+    status = exit_status(error)
+    if tuner.is_main:
+        name = "SIGTERM" if status == 143 else "Ctrl-C"
+        argv = [a for a in (args.argv or []) if a != "--resume"]
+        again = shlex.join(["tlkit", *argv, "--resume"])
+        done = (f"{tuner.output_dir} keeps the files of epoch {tuner.epoch}" if tuner.epoch
+                else "no epoch had finished, nothing was saved")
+        print(f"tlkit train: interrupted by {name}; {done}; continue with: {again}", file=sys.stderr)
+    return status
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -273,11 +296,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from tlkit.distributed import destroy_distributed
 
+    from tlkit._training.runfiles import RunFileError
+    from tlkit.runlock import OutputDirError, RunLockedError
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError) as e:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError, RunLockedError,
+            OutputDirError) as e:
         print(f"tlkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (RunFileError, FloatingPointError) as e:  # the run's state is known; no traceback helps
+        print(f"tlkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()  # under torchrun; a no-op in one process

@@ -247,6 +247,11 @@ class TrainConfig(StrictModel):
         0, ge=0, description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K)."
     )
     feature_cache_dir: Path | None = Field(None, description="Also keep cached features on disk here.")
+    loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Built-in logger callbacks (tlkit.loggers): 'csv' writes OUTPUT_DIR/metrics.csv, 'tensorboard' "
+        "OUTPUT_DIR/tensorboard/ (needs tensorboard), 'mlflow' a local file store OUTPUT_DIR/mlruns (tlkit[mlflow]).",
+    )
     distributed: Literal["auto", "off"] = Field(
         "auto",
         description="'auto': under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, gloo on CPU) "

@@ -19,6 +19,7 @@ from tlkit._introspect import classifier_module_names
 from tlkit._training import state as run_state
 from tlkit._training.cached import cached_features
 from tlkit._training.ddp import DDPWrapper, prepare_model_for_ddp
+from tlkit._training.guard import run_guard
 from tlkit._training.inference import Prediction, evaluate_loader, predict_batches
 from tlkit._training.loaders import eval_loader, prepare_dataset
 from tlkit._training.loading import choose_classes, read_header
@@ -26,6 +27,7 @@ from tlkit._training.loop import FitLoop
 from tlkit._training.lr_find import run_lr_find
 from tlkit._training.optim import class_weights
 from tlkit._training.rng import seeded
+from tlkit._training.workers import worker_init_fn
 from tlkit._training.runtime import (Runtime, flush_denormal, make_grad_scaler, resolve_device,
                                      resolve_precision)
 from tlkit.backbone import create_backbone, resolve_data_config
@@ -116,7 +118,7 @@ class FineTuner:
         self.eval_batch_size: int = self.config.eval_batch_size or (16 if self.device.type == "cpu" else 64)
         self.feature_cache = FeatureCache(self.config.feature_cache_dir)
         self.ddp_wrap = DDPWrapper(self.dist, self.device, self.config.find_unused_parameters)
-        self.worker_init_fn: Any = None
+        self.worker_init_fn: Any = worker_init_fn()  # DataLoader workers die with this process
         self._compiled: nn.Module | None = None
         self.ema: nn.Module | None = None  # timm ModelEmaV3 while config.ema_decay is set
         self.optimizer: torch.optim.Optimizer | None = None
@@ -265,9 +267,15 @@ class FineTuner:
                 too), no file with non-finite tensors is written, and the files of the last
                 completed epoch are left as they were.
             CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
+            RunLockedError: another process trains into ``output_dir`` (names it), before any work.
+            OutputDirError: ``output_dir`` cannot be created or written, before any work.
+            RunFileError: writing a run file failed (disk full...): one line naming the file and
+                what is kept; the files of the last completed epoch stay.
+            KeyboardInterrupt: Ctrl-C, or SIGTERM (as `TrainingInterrupted`); the files of the
+                last completed epoch stay and ``resume=True`` continues.
         """
         loop = FitLoop(self, train, val, default_callbacks(self, self.callbacks))
-        with self.runtime.cpu_flags():
+        with run_guard(self), self.runtime.cpu_flags():
             return loop.run(resume)
 
     def lr_find(self, train: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,

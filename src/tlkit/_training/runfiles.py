@@ -7,7 +7,7 @@ any `OSError` into a `RunFileError`::
     runs/x/last.state.pt: No space left on device (errno 28) while writing the files of epoch 3;
     the resume state of epoch 2 is kept; free space and rerun with --resume (resume=True in Python)
 
-Epochs are counted from 0, as in ``metrics.jsonl`` and the NaN-loss error. What is kept follows
+Epochs are numbered from 1, as in ``metrics.jsonl`` and the NaN-loss error. What is kept follows
 from the write order of an epoch (``last.state.pt`` first, then ``last.safetensors``,
 ``best.safetensors``, ``metrics.jsonl``, all atomic): if the state failed, the previous
 epoch's state is intact; if a later file failed, this epoch's state was written and resume
@@ -55,7 +55,7 @@ def run_file_error(error: OSError, output_dir: str | Path, epoch: int | None = N
         error: the cause. Its ``filename2`` (a rename's target) or ``filename`` names the file;
             `tlkit.checkpoint.atomic_write_bytes` sets ``filename`` to the file it writes.
         output_dir: the run folder, named when the cause names no file.
-        epoch: the epoch (from 0) whose files were being written; ``None`` for other run files
+        epoch: the epoch (numbered from 1) whose files were being written; ``None`` for other run files
             (the run report at the end).
 
     Returns:
@@ -93,8 +93,8 @@ def _kept(path: Path | None, epoch: int | None) -> str:
         return "the last resume state written is kept"
     if not path.name.endswith(STATE_SUFFIX):
         return f"the resume state of epoch {epoch} was written before it, and resume rewrites the rest"
-    if epoch == 0:
-        return "no epoch had ended yet, so resume starts at epoch 0"
+    if epoch <= 1:
+        return "no epoch had ended yet, so resume starts at epoch 1"
     return f"the resume state of epoch {epoch - 1} is kept"
 
 
@@ -104,7 +104,7 @@ def run_file_writes(output_dir: str | Path, epoch: int | None = None) -> Iterato
 
     Args:
         output_dir: the run folder.
-        epoch: the epoch (from 0) whose files the block writes; ``None`` for other run files.
+        epoch: the epoch (numbered from 1) whose files the block writes; ``None`` for other run files.
 
     Raises:
         RunFileError: a write in the block failed (a `RunFileError` from inside passes as is).

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tlkit._training.runfiles import run_file_writes
 from tlkit._version import __version__
 from tlkit.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, load_training_state,
                               save_checkpoint, save_training_state)
@@ -89,6 +90,12 @@ def write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
     Returns:
         ``"state"`` and the names of `write_run_files` -> the paths written.
     """
+    with run_file_writes(tuner.output_dir, tuner.epoch):
+        return _write_epoch(tuner, improved, rng, callbacks)
+
+
+def _write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
+                 callbacks: dict[str, Any]) -> dict[str, Path]:
     out = tuner.output_dir
     model = _cpu(tuner.model.state_dict())
     ema = _cpu(tuner.ema.module.state_dict()) if tuner.ema is not None else None
@@ -254,5 +261,6 @@ def restore(tuner: FineTuner, state_path: Path, callbacks: Any) -> int:
     if tuner.output_dir is not None and tuner.history and tuner.is_main:
         # A kill may have come after the state but before the files written after it:
         # write them again from the state.
-        write_run_files(tuner, best=tuner.best.get("epoch") == next_epoch)
+        with run_file_writes(tuner.output_dir, next_epoch):
+            write_run_files(tuner, best=tuner.best.get("epoch") == next_epoch)
     return next_epoch

@@ -1,0 +1,59 @@
+"""What holds for a whole run: one writer per run folder, and SIGTERM handled like Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from tlkit._training.signals import interrupt_on_signals
+from tlkit.distributed import broadcast_object
+from tlkit.runlock import OutputDirError, RunLock, RunLockedError, held_lock
+
+if TYPE_CHECKING:
+    from tlkit.finetuner import FineTuner
+
+__all__ = ["run_lock", "run_guard"]
+
+
+@contextlib.contextmanager
+def run_lock(tuner: FineTuner) -> Iterator[RunLock | None]:
+    """Hold ``tuner.output_dir``'s `RunLock` for the block (nothing without an output folder).
+
+    The lock is taken on the main process; under torchrun its refusal is sent to every rank so
+    all of them raise it (else the others would wait in their first collective). A lock this
+    process already holds on the folder (the CLI takes it before writing ``config.yaml``) is
+    kept, not taken twice.
+
+    Raises:
+        RunLockedError: another process trains into the folder (names it).
+        OutputDirError: the folder cannot be created or written (one line, before any training).
+    """
+    out = tuner.output_dir
+    if out is None or held_lock(out) is not None:
+        yield held_lock(out) if out is not None else None
+        return
+    lock, error = RunLock(out), None
+    if tuner.is_main:
+        try:
+            lock.acquire()
+        except (RunLockedError, OutputDirError) as e:
+            error = e
+    if tuner.dist is not None:
+        message = broadcast_object(str(error) if error is not None else None)
+        if message is not None and error is None:
+            error = RunLockedError(message, out)
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        if lock.locked:
+            lock.release()
+
+
+@contextlib.contextmanager
+def run_guard(tuner: FineTuner) -> Iterator[None]:
+    """`run_lock` plus SIGTERM raising `TrainingInterrupted` (a ``KeyboardInterrupt``), restored after."""
+    with interrupt_on_signals(), run_lock(tuner):
+        yield
