@@ -28,10 +28,11 @@ def image_root(tmp_path) -> Path:
     return copy_sample(tmp_path / "images")
 
 
-def tiny_tuner(classes, output_dir=None, policy=None, model_name="test_resnet", **train) -> FineTuner:
+def tiny_tuner(classes, output_dir=None, policy=None, model_name="test_resnet", callbacks=None, **train) -> FineTuner:
     torch.manual_seed(0)
     model = timm.create_model(model_name)
     HeadReplacer(len(classes)).apply(model)
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "lr": 1e-2, "warmup_epochs": 0,
                          "precision": "fp32", "device": "cpu", "progress": False, **train})
-    return FineTuner(model, classes, policy=policy, config=cfg, data_config=dict(SMALL), output_dir=output_dir)
+    return FineTuner(model, classes, policy=policy, config=cfg, data_config=dict(SMALL), output_dir=output_dir,
+                     callbacks=callbacks)

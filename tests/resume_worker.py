@@ -54,6 +54,23 @@ class EpochTracker(Callback):
         self.epoch = None
 
 
+class EpochCounter(Callback):
+    """Stateful: numbers each epoch into its record, so the records show the state survived a kill."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+    def on_epoch_end(self, tuner, record) -> None:
+        self.count += 1
+        record["counted"] = self.count
+
+
 def install_kill_hook(kill: dict) -> EpochTracker:
     tracker = EpochTracker()
     write = ck.atomic_write_bytes
@@ -80,6 +97,7 @@ def child(plan: dict, run: dict) -> None:
         train = ImageFolderDataset(plan["train"])
         val = ImageFolderDataset(plan["val"])
         tuner = tiny_tuner(CLASSES, output_dir=run["dir"], policy=POLICY, epochs=EPOCHS)
+        tuner.callbacks.append(EpochCounter())
         if tracker is not None:
             tuner.callbacks.append(tracker)
         tuner.fit(train, val, resume=bool(run.get("resume")))

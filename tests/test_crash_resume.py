@@ -62,4 +62,5 @@ def test_resume_after_sigkill_at_any_point_is_bit_identical(tmp_path):
         assert got_meta["epoch"] == want_meta["epoch"] and got_meta["metrics"] == want_meta["metrics"]
     assert _records(run) == _records(ref)
     assert [r["epoch"] for r in _records(run)] == [1, 2, 3, 4]
+    assert [r["counted"] for r in _records(run)] == [1, 2, 3, 4]  # a callback's state survived every kill
     assert not list(run.glob(".*tmp*"))  # half-written temporaries of killed runs are cleaned up

@@ -29,7 +29,7 @@ Rules (after Lightning's callbacks and fastai's ``Learner`` events):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,16 +245,3 @@ class RunReport(Callback):
             with run_file_writes(tuner.output_dir):
                 write_run_report(tuner, tuner.output_dir, self.facts)
 
-
-def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
-    """The built-in callbacks a `TrainConfig` asks for, then the user's, in that order."""
-    cfg = tuner.config
-    built: list[Callback] = [ProgressBar(), EpochLogger()] if cfg.progress else []
-    if cfg.early_stopping_patience is not None:
-        built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
-    built.append(RunReport())
-    if getattr(cfg, "loggers", None):
-        from tlkit.loggers import logger_callbacks
-
-        built += logger_callbacks(cfg.loggers)
-    return CallbackList([*built, *user])

@@ -19,6 +19,7 @@ from tlkit._introspect import classifier_module_names
 from tlkit._training import state as run_state
 from tlkit._training.cached import cached_features
 from tlkit._training.ddp import DDPWrapper, prepare_model_for_ddp
+from tlkit._training.defaults import default_callbacks
 from tlkit._training.guard import run_guard
 from tlkit._training.inference import Prediction, evaluate_loader, predict_batches
 from tlkit._training.loaders import eval_loader, prepare_dataset
@@ -31,7 +32,7 @@ from tlkit._training.workers import worker_init_fn
 from tlkit._training.runtime import (Runtime, flush_denormal, make_grad_scaler, resolve_device,
                                      resolve_precision)
 from tlkit.backbone import create_backbone, resolve_data_config
-from tlkit.callbacks import Callback, default_callbacks
+from tlkit.callbacks import Callback
 from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
 from tlkit.data import ImageFolderDataset, create_transforms, eval_resize_size

@@ -1,0 +1,27 @@
+"""The callbacks `FineTuner.fit` runs: the built-ins a `TrainConfig` asks for, then the user's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tlkit.callbacks import Callback, CallbackList, EarlyStopping, EpochLogger, ProgressBar, RunReport
+
+if TYPE_CHECKING:
+    from tlkit.finetuner import FineTuner
+
+__all__ = ["default_callbacks"]
+
+
+def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
+    """The built-in callbacks a `TrainConfig` asks for, then the user's, in that order."""
+    cfg = tuner.config
+    built: list[Callback] = [ProgressBar(), EpochLogger()] if cfg.progress else []
+    if cfg.early_stopping_patience is not None:
+        built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
+    built.append(RunReport())
+    if getattr(cfg, "loggers", None):
+        from tlkit.loggers import logger_callbacks  # optional packages: imported when asked for
+
+        built += logger_callbacks(cfg.loggers)
+    return CallbackList([*built, *user])

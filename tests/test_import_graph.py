@@ -1,0 +1,72 @@
+"""The package's import graph: no cycles, the core never imports the façade or the package root."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tlkit"
+# Layers above the façade may use FineTuner; nothing below it may.
+ABOVE_FACADE = {"tlkit.cli", "tlkit.__main__", "tlkit.protocol", "tlkit.demo", "tlkit"}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """tlkit modules imported anywhere in the file, except under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+            for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlkit":
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "tlkit"}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): _imports(p) for p in SRC.rglob("*.py")}
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for dep in graph.get(m, ()):
+            if dep not in graph:
+                continue
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_core_imports_neither_the_facade_nor_the_package_root():
+    for module, deps in _graph().items():
+        if module in ABOVE_FACADE or module == "tlkit.finetuner":
+            continue
+        assert "tlkit.finetuner" not in deps, f"{module} imports tlkit.finetuner"
+        assert "tlkit" not in deps, f"{module} imports the package root"
+
+
+def test_leaf_modules_import_alone():
+    leaves = ["tlkit._introspect", "tlkit.schedule", "tlkit._version", "tlkit.config", "tlkit.freeze",
+              "tlkit.head", "tlkit._training.runtime", "tlkit.callbacks", "tlkit._training.loop"]
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    for m in leaves:  # each in a fresh interpreter: an order-dependent import would fail here
+        proc = subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{m}: {proc.stderr[-800:]}"
