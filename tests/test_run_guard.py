@@ -1,0 +1,85 @@
+"""A run folder has one writer; SIGTERM saves like Ctrl-C; the same command twice gives the same model."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import copy_sample, tiny_tuner
+from tlkit import ImageFolderDataset, load_checkpoint
+from tlkit.runlock import OutputDirError, RunLockedError
+
+CLASSES = ["cardboard", "glass", "metal"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+
+
+def _cli(root, out, *extra):
+    return [sys.executable, "-m", "tlkit", "train", "--set", f"data.root={root}", "--set", f"output_dir={out}",
+            "--set", "backbone.name=test_resnet", "--set", "backbone.pretrained=false",
+            "--set", "backbone.data_config.input_size=[3,64,64]", "--set", "train.batch_size=4",
+            "--set", "train.device=cpu", "--set", "train.precision=fp32", "--set", "train.progress=false",
+            "--set", "train.warmup_epochs=0", *extra]
+
+
+def test_fit_refuses_a_folder_another_process_trains_into(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from tlkit.runlock import RunLock\n"
+        f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        train = ImageFolderDataset(copy_sample(tmp_path / "train", CLASSES, 2))
+        with pytest.raises(RunLockedError, match=rf"{run}.*pid {holder.pid}"):
+            tiny_tuner(CLASSES, output_dir=run).fit(train)
+        assert sorted(p.name for p in run.iterdir()) == [".tlkit.lock"]  # nothing of ours was written
+    finally:
+        holder.kill()
+        holder.wait()
+    tiny_tuner(CLASSES, output_dir=run, epochs=1).fit(train)  # the kernel dropped the dead holder's lock
+    assert (run / "last.safetensors").is_file()
+
+
+def test_an_unwritable_output_folder_fails_before_the_first_epoch(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    train = ImageFolderDataset(copy_sample(tmp_path / "train", CLASSES, 2))
+    tuner = tiny_tuner(CLASSES, output_dir=blocker / "run")
+    start = time.perf_counter()
+    with pytest.raises(OutputDirError, match=str(blocker / "run")):
+        tuner.fit(train)
+    assert tuner.step == 0 and time.perf_counter() - start < 5
+
+
+def test_the_same_cli_command_twice_gives_bit_identical_weights(tmp_path):
+    root = copy_sample(tmp_path / "data", CLASSES, 4)
+    for name in ("a", "b"):
+        proc = subprocess.run(_cli(root, tmp_path / name, "--set", "train.epochs=1"), capture_output=True,
+                              text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, _ = load_checkpoint(tmp_path / "a" / "last.safetensors")
+    b, _ = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_keeps_the_finished_epochs_and_says_how_to_resume(tmp_path):
+    root = copy_sample(tmp_path / "data", CLASSES, 4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(root, out, "--set", "train.epochs=200"), stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tlkit train: interrupted by SIGTERM; ") and "keeps the files of epoch" in last, err
+    assert last.endswith("--resume") and "Traceback" not in err
+    assert (out / "last.state.pt").is_file() and not (out / ".tlkit.lock").exists()
