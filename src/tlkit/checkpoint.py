@@ -222,14 +222,23 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's ``best.safetensors`` (else ``last.safetensors``).
 
+    A run folder may come from someone else: its ``best.safetensors`` / ``last.safetensors``
+    must be a regular file inside the folder. A symbolic link that leads out of the folder
+    (to ``~/.ssh/id_rsa``, ``/dev/zero``, a FIFO) is refused, not opened. A file named directly
+    is the caller's choice and is followed wherever it points.
+
     Raises:
-        CheckpointError: nothing usable at ``path``.
+        CheckpointError: nothing usable at ``path``, or a run-folder checkpoint that resolves
+            outside the folder (names it).
     """
     path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
+            candidate = path / name
+            if candidate.is_symlink() and not candidate.resolve().is_relative_to(path.resolve()):
+                raise CheckpointError(f"{candidate}: is a symbolic link out of the run folder; not opened")
+            if candidate.is_file():
+                return candidate
         raise CheckpointError(f"{path}: run folder holds no best.safetensors or last.safetensors")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
