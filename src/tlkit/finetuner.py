@@ -8,6 +8,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from tlkit._header import parse_header, runtime_train_config, unloadable_reason
+from tlkit._meta_check import check_header_fits_weights
 from tlkit.backbone import create_backbone, resolve_data_config
 from tlkit.checkpoint import (
     CheckpointError,
@@ -1081,14 +1084,18 @@ class FineTuner:
 
     # -- persistence --------------------------------------------------------------------------
     def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The JSON stored in every checkpoint's header."""
+        """The JSON stored in every checkpoint's header.
+
+        Warns (``UserWarning``) when `load` would refuse it, e.g. ``model_kwargs`` outside the
+        allow-list a checkpoint may carry (`tlkit._header.MODEL_KWARGS`).
+        """
         from tlkit import __version__
 
         if self.backbone.weights is not None:
             source = f"file:{Path(self.backbone.weights).name}"
         else:
             source = "hub" if self.backbone.pretrained else "random"
-        return {
+        meta = {
             "tlkit_version": __version__,
             "backbone": {"name": self.backbone.name, "model_kwargs": self.backbone.model_kwargs, "weights_source": source},
             "head": self.head.model_dump(mode="json"),
@@ -1100,6 +1107,10 @@ class FineTuner:
             "epoch": self.epoch,
             "metrics": metrics or {},
         }
+        problem = unloadable_reason(meta)
+        if problem is not None:  # say so when the file is written, not when someone needs to load it
+            warnings.warn(f"FineTuner.load will refuse this checkpoint: {problem}", stacklevel=2)
+        return meta
 
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
         """Write the model and its metadata to a ``.safetensors`` checkpoint, atomically."""
@@ -1144,6 +1155,14 @@ class FineTuner:
         Needs no config file, no user code and no network: the backbone is built with
         ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
 
+        The file may come from someone else. Its header must pass a strict schema first (a timm
+        model name, only allow-listed bounded timm kwargs, unique printable class names, a
+        bounded data config), the model it describes is built on the ``meta`` device and must
+        have exactly the file's tensors before any real memory is allocated, and resource
+        settings (``num_workers``, ``device``, ``eval_batch_size``, ``compile``, caches, process
+        groups) come from this call, never from the file. See "Threat model" in the
+        reliability docs.
+
         To reuse a checkpoint for other classes (a new task from a fine-tuned backbone), pass
         ``classes`` (or ``num_classes``) with ``adapt_head=True``: the backbone weights are
         loaded and a new head of the stored head config is initialised for the new classes
@@ -1157,26 +1176,30 @@ class FineTuner:
             num_classes: a class count instead of ``classes`` (names ``"0"``, ``"1"``... unless it
                 equals the checkpoint's count, which keeps the stored names).
             adapt_head: allow ``classes`` / ``num_classes`` to differ from the checkpoint's.
-            config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``).
+            config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``); the
+                resource fields (`tlkit._header.RUNTIME_FIELDS`) not given here take their
+                defaults, whatever the file says.
 
         Raises:
-            CheckpointError: missing or corrupted file; other classes without ``adapt_head``;
+            CheckpointError: missing, corrupted or edited file; a header field that fails the
+                schema (names the file and the field); other classes without ``adapt_head``;
                 backbone weights that do not fit the stored backbone (always, naming the first
                 mismatching tensors).
-            ValueError: ``classes`` and ``num_classes`` disagree.
+            ValueError: ``classes`` and ``num_classes`` disagree, or an invalid
+                ``config_overrides`` value (a pydantic ``ValidationError``).
         """
         path = resolve_checkpoint(path)
         state, meta = load_checkpoint(path)
-        try:
-            backbone = BackboneConfig(name=meta["backbone"]["name"], pretrained=False,
-                                      model_kwargs=meta["backbone"]["model_kwargs"])
-            head = HeadConfig(**meta["head"])
-            stored = list(meta["classes"])
-            train_cfg = TrainConfig(**{**meta["train_config"], "device": device, **config_overrides})
-            policy = FreezePolicy(**meta["freeze_policy"])
-            augment = AugmentConfig(**meta["augment"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: incomplete or invalid metadata ({type(e).__name__}: {e})") from e
+        # The file may come from a stranger: nothing is built from the header before it passed
+        # the schema and before the model it describes was checked against the file's tensors.
+        header = parse_header(meta, path)
+        check_header_fits_weights(header, state, path)
+        backbone = header.backbone.to_config()
+        head = header.head
+        stored = list(header.classes)
+        train_cfg = runtime_train_config(header.train_config, device=device, **config_overrides)
+        policy = header.freeze_policy
+        augment = header.augment
         if classes is not None:
             wanted = list(classes)
             if num_classes is not None and num_classes != len(wanted):
@@ -1196,10 +1219,10 @@ class FineTuner:
         model = create_backbone(backbone)
         with seeded(train_cfg.seed)():  # a new head is initialised the same way on every load
             HeadReplacer.from_config(head).apply(model)
-        tuner = cls(model, wanted, policy=policy, config=train_cfg, data_config=meta["data_config"],
+        tuner = cls(model, wanted, policy=policy, config=train_cfg, data_config=header.data_config_dict(),
                     augment=augment, backbone=backbone, head=head)
         tuner._load_weights(state, path, skip_head=new_head)
-        tuner.epoch = 0 if new_head else int(meta.get("epoch", 0))
+        tuner.epoch = 0 if new_head else header.epoch
         tuner.checkpoint_metadata = meta
         tuner.model.eval()
         return tuner
