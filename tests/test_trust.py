@@ -169,6 +169,16 @@ def test_resource_settings_come_from_the_caller_not_the_file(original, tmp_path)
     assert c.lr == tiny_tuner(CLASSES).config.lr
 
 
+def test_every_train_config_field_is_either_a_resource_or_a_stored_setting():
+    # A new TrainConfig field (a log folder, a service URL...) must be classified before it can
+    # be read from a stranger's file.
+    from tlkit import TrainConfig
+    from tlkit._header import RUNTIME_FIELDS, STORED_FIELDS
+
+    assert not RUNTIME_FIELDS & STORED_FIELDS
+    assert set(TrainConfig.model_fields) == RUNTIME_FIELDS | STORED_FIELDS
+
+
 # -- the digest: header edits that keep the stored digest -----------------------------------------
 TAMPERED = {
     "renamed_class": lambda t: t.replace('"glass"', '"fl' + 'ass"'),  # 'g' ^ 0x01 == 'f'

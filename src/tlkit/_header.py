@@ -32,8 +32,8 @@ from tlkit.checkpoint import CheckpointError
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, TrainConfig
 from tlkit.freeze import FreezePolicy
 
-__all__ = ["CheckpointHeader", "MODEL_KWARGS", "RUNTIME_FIELDS", "parse_header", "runtime_train_config",
-           "unloadable_reason"]
+__all__ = ["CheckpointHeader", "MODEL_KWARGS", "RUNTIME_FIELDS", "STORED_FIELDS", "parse_header",
+           "runtime_train_config", "unloadable_reason"]
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_NAME_LENGTH = 256
@@ -60,6 +60,16 @@ RUNTIME_FIELDS: frozenset[str] = frozenset({
 })
 """`TrainConfig` fields that say how *this* machine runs, not what the weights are: taken from
 the caller (or the defaults), never from a checkpoint."""
+
+STORED_FIELDS: frozenset[str] = frozenset({
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio",
+    "label_smoothing", "grad_clip_norm", "mixup_alpha", "cutmix_alpha", "mixup_prob", "class_weights", "ema_decay",
+    "unfreeze_warmup_epochs", "early_stopping_patience", "best_metric", "seed", "precision", "channels_last",
+    "jpeg_draft", "flush_denormal", "feature_cache", "feature_views",
+})
+"""`TrainConfig` fields taken from a checkpoint: how the weights were trained and how their inputs
+are read (``precision``, ``jpeg_draft``), all bounded by `TrainConfig` itself. Every field is in
+exactly one of the two sets (a test checks it), so a new `TrainConfig` field must be classified."""
 
 _TIMM_NAME = re.compile(r"[a-z0-9_]{1,128}(\.[a-z0-9_]{1,128})?")  # arch[.tag]; no "hf-hub:" / "local-dir:"
 _UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, bidi overrides, separators, unassigned
