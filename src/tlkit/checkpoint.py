@@ -9,6 +9,11 @@ optimizer, scheduler step, epoch, RNG states) lives beside it in ``*.state.pt``,
 
 Both kinds of file carry a sha256 of their content (neither safetensors nor ``torch.load``
 checks one), so a flipped byte is an error naming the file, never silently wrong weights.
+Format ``tlkit.checkpoint.v2`` adds a ``digest`` over the metadata *and* the tensors, so a
+changed class name, class order or mean is an error too. Format v1 files (tensor sha256 only,
+header not covered) still load. A digest is not a signature: whoever edits a file on purpose
+can recompute it. What defends against a hostile file is `tlkit._header`, the schema every
+header must pass before anything is built from it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ __all__ = [
     "resolve_checkpoint",
     "atomic_write_bytes",
     "tensors_sha256",
+    "header_digest",
 ]
 
-FORMAT = "tlkit.checkpoint.v1"
+FORMAT = "tlkit.checkpoint.v2"
+FORMAT_V1 = "tlkit.checkpoint.v1"  # tensor sha256 only; the header is not covered
 
 
 class CheckpointError(ValueError):
@@ -51,6 +58,23 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
         h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def canonical_json(metadata: Any) -> bytes:
+    """The metadata as canonical JSON (sorted keys, no spaces, UTF-8): equal dicts, equal bytes."""
+    # allow_nan: a NaN val_loss is a legitimate metric; json writes and reads it as NaN.
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode()
+
+
+def header_digest(metadata: Any, tensor_sha256: str) -> str:
+    """sha256 (hex) over the format name, the canonical metadata JSON and the tensor sha256.
+
+    One digest for the whole file: editing any header value or any tensor byte changes it.
+    """
+    h = hashlib.sha256(f"{FORMAT}\n".encode())
+    h.update(canonical_json(metadata))
+    h.update(f"\n{tensor_sha256}".encode())
     return h.hexdigest()
 
 
@@ -112,24 +136,34 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metad
         path: destination file.
         state_dict: tensors (moved to CPU and made contiguous here).
         metadata: JSON-serialisable dict stored in the header, next to a ``sha256`` of the
-            tensors (`tensors_sha256`) that `load_checkpoint` verifies.
+            tensors (`tensors_sha256`) and a ``digest`` of metadata and tensors together
+            (`header_digest`), both verified by `load_checkpoint`.
     """
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    header = {"format": FORMAT, "tlkit": json.dumps(metadata), "sha256": tensors_sha256(tensors)}
+    sha = tensors_sha256(tensors)
+    # The digest is taken over the metadata as it will be read back, so a value JSON cannot
+    # represent exactly (a tuple, a numpy float) does not make a fresh file fail its own check.
+    text = json.dumps(metadata)
+    digest = header_digest(json.loads(text), sha)
+    header = {"format": FORMAT, "tlkit": text, "sha256": sha, "digest": digest}
     return atomic_write_bytes(path, save(tensors, metadata=header))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint written by `save_checkpoint`.
 
+    Only integrity is checked here; `FineTuner.load` also validates the metadata against the
+    header schema before it builds anything from it.
+
     Returns:
         ``(state_dict, metadata)``, tensors on the CPU.
 
     Raises:
-        CheckpointError: the file is missing, truncated, corrupted (including tensor bytes that
-            no longer match the stored sha256) or has no tlkit metadata; names the file.
+        CheckpointError: the file is missing, truncated, corrupted (tensor bytes that no longer
+            match the stored sha256; in format v2 also metadata that no longer matches the
+            digest) or has no tlkit metadata; names the file.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -143,14 +177,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}: {e})") from e
-    if header.get("format") != FORMAT or "tlkit" not in header:
-        raise CheckpointError(f"{path}: not a tlkit checkpoint (no '{FORMAT}' metadata)")
-    if "sha256" in header and tensors_sha256(state) != header["sha256"]:  # absent in files from earlier tlkit versions
+    if header.get("format") not in (FORMAT, FORMAT_V1) or "tlkit" not in header:
+        raise CheckpointError(f"{path}: not a tlkit checkpoint (no '{FORMAT}' or '{FORMAT_V1}' metadata)")
+    if header["format"] == FORMAT and not {"sha256", "digest"} <= set(header):
+        raise CheckpointError(f"{path}: corrupted checkpoint ({FORMAT} header without its sha256 and digest)")
+    sha = tensors_sha256(state)
+    if "sha256" in header and sha != header["sha256"]:  # absent in v1 files from tlkit 0.1.0
         raise CheckpointError(f"{path}: corrupted checkpoint (tensor data does not match its sha256)")
     try:
         meta = json.loads(header["tlkit"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupted metadata ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError: [[[[...
+        raise CheckpointError(f"{path}: corrupted metadata ({type(e).__name__}: {e})") from e
+    if header["format"] == FORMAT and header_digest(meta, sha) != header["digest"]:
+        raise CheckpointError(
+            f"{path}: corrupted or edited checkpoint header (the metadata does not match its digest)"
+        )
     return state, meta
 
 
@@ -191,14 +232,23 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's ``best.safetensors`` (else ``last.safetensors``).
 
+    A run folder may come from someone else: its ``best.safetensors`` / ``last.safetensors``
+    must be a regular file inside the folder. A symbolic link that leads out of the folder
+    (to ``~/.ssh/id_rsa``, ``/dev/zero``, a FIFO) is refused, not opened. A file named directly
+    is the caller's choice and is followed wherever it points.
+
     Raises:
-        CheckpointError: nothing usable at ``path``.
+        CheckpointError: nothing usable at ``path``, or a run-folder checkpoint that resolves
+            outside the folder (names it).
     """
     path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
+            candidate = path / name
+            if candidate.is_symlink() and not candidate.resolve().is_relative_to(path.resolve()):
+                raise CheckpointError(f"{candidate}: is a symbolic link out of the run folder; not opened")
+            if candidate.is_file():
+                return candidate
         raise CheckpointError(f"{path}: run folder holds no best.safetensors or last.safetensors")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

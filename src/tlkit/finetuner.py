@@ -409,6 +409,14 @@ class FineTuner:
         Needs no config file, no user code and no network: the backbone is built with
         ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
 
+        The file may come from someone else. Its header must pass a strict schema first (a timm
+        model name, only allow-listed bounded timm kwargs, unique printable class names, a
+        bounded data config), the model it describes is built on the ``meta`` device and must
+        have exactly the file's tensors before any real memory is allocated, and resource
+        settings (``num_workers``, ``device``, ``eval_batch_size``, ``compile``, caches, process
+        groups) come from this call, never from the file. See "Threat model" in the
+        reliability docs.
+
         To reuse a checkpoint for other classes (a new task from a fine-tuned backbone), pass
         ``classes`` (or ``num_classes``) with ``adapt_head=True``: the backbone weights are
         loaded and a new head of the stored head config is initialised for the new classes
@@ -422,17 +430,20 @@ class FineTuner:
             num_classes: a class count instead of ``classes`` (names ``"0"``, ``"1"``... unless it
                 equals the checkpoint's count, which keeps the stored names).
             adapt_head: allow ``classes`` / ``num_classes`` to differ from the checkpoint's.
-            config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``).
+            config_overrides: fields of `TrainConfig` to change (e.g. ``progress=False``); the
+                resource fields (`tlkit._header.RUNTIME_FIELDS`) not given here take their
+                defaults, whatever the file says.
 
         Raises:
-            CheckpointError: missing or corrupted file; other classes without ``adapt_head``;
+            CheckpointError: missing, corrupted or edited file; a header field that fails the
+                schema (names the file and the field); other classes without ``adapt_head``;
                 backbone weights that do not fit the stored backbone (always, naming the first
                 mismatching tensors).
             ValueError: ``classes`` and ``num_classes`` disagree.
         """
         path = resolve_checkpoint(path)
         state, meta = load_checkpoint(path)
-        run = read_header(meta, path, device, config_overrides)
+        run = read_header(meta, path, device, config_overrides, state)
         wanted = choose_classes(run.classes, classes, num_classes, adapt_head, path)
         new_head = wanted != run.classes
         head = run.head.model_copy(update={"num_classes": len(wanted)}) if new_head else run.head

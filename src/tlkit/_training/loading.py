@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tlkit._header import parse_header, runtime_train_config
+from tlkit._meta_check import check_header_fits_weights
 from tlkit.checkpoint import CheckpointError
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, TrainConfig
 from tlkit.freeze import FreezePolicy
@@ -28,26 +32,31 @@ class StoredRun:
     epoch: int
 
 
-def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[str, Any]) -> StoredRun:
-    """Validate a checkpoint header into configs; ``device`` and ``overrides`` replace stored train settings.
+def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[str, Any],
+                state: dict[str, torch.Tensor]) -> StoredRun:
+    """Validate a checkpoint header into configs, and check it describes exactly the file's tensors.
+
+    The file may come from a stranger: nothing is built from the header before it passed the
+    schema (`tlkit._header.parse_header`) and before the model it describes, built on the
+    ``meta`` device, was checked against the file's tensors. Resource settings come from
+    ``device`` and ``overrides`` (or their defaults), never from the file.
 
     Raises:
-        CheckpointError: a field is missing or invalid (names the file).
+        CheckpointError: a field is missing, invalid or not allowed (names the file and the field),
+            or the described model does not have the file's tensors.
     """
-    try:
-        return StoredRun(
-            backbone=BackboneConfig(name=meta["backbone"]["name"], pretrained=False,
-                                    model_kwargs=meta["backbone"]["model_kwargs"]),
-            head=HeadConfig(**meta["head"]),
-            classes=list(meta["classes"]),
-            train=TrainConfig(**{**meta["train_config"], "device": device, **overrides}),
-            policy=FreezePolicy(**meta["freeze_policy"]),
-            augment=AugmentConfig(**meta["augment"]),
-            data_config=meta["data_config"],
-            epoch=int(meta.get("epoch", 0)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: incomplete or invalid metadata ({type(e).__name__}: {e})") from e
+    header = parse_header(meta, path)
+    check_header_fits_weights(header, state, path)
+    return StoredRun(
+        backbone=header.backbone.to_config(),
+        head=header.head,
+        classes=list(header.classes),
+        train=runtime_train_config(header.train_config, device=device, **overrides),
+        policy=header.freeze_policy,
+        augment=header.augment,
+        data_config=header.data_config_dict(),
+        epoch=header.epoch,
+    )
 
 
 def choose_classes(stored: list[str], classes: Sequence[str] | None, num_classes: int | None,

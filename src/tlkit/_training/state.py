@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from tlkit._header import unloadable_reason
 from tlkit._training.runfiles import run_file_writes
 from tlkit._version import __version__
 from tlkit.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, load_training_state,
@@ -50,10 +52,14 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def checkpoint_header(tuner: FineTuner, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON stored in every checkpoint's header (see `tlkit.checkpoint`)."""
+    """The JSON stored in every checkpoint's header (see `tlkit.checkpoint`).
+
+    Warns (``UserWarning``) when `FineTuner.load` would refuse it, e.g. ``model_kwargs`` outside
+    the allow-list a checkpoint may carry (`tlkit._header.MODEL_KWARGS`).
+    """
     b = tuner.backbone
     source = f"file:{Path(b.weights).name}" if b.weights is not None else ("hub" if b.pretrained else "random")
-    return {
+    meta = {
         "tlkit_version": __version__,
         "backbone": {"name": b.name, "model_kwargs": b.model_kwargs, "weights_source": source},
         "head": tuner.head.model_dump(mode="json"),
@@ -65,6 +71,10 @@ def checkpoint_header(tuner: FineTuner, metrics: dict[str, Any] | None = None) -
         "epoch": tuner.epoch,
         "metrics": metrics or {},
     }
+    problem = unloadable_reason(meta)
+    if problem is not None:  # say so when the file is written, not when someone needs to load it
+        warnings.warn(f"FineTuner.load will refuse this checkpoint: {problem}", stacklevel=3)
+    return meta
 
 
 def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
