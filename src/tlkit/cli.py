@@ -267,9 +267,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
     from tlkit.demo import launch_demo
 
+    if not 0 < args.max_upload_mb <= 1024:
+        raise ValueError(f"--max-upload-mb must be in (0, 1024], got {args.max_upload_mb}")
     _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
-    launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share)
+    launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share,
+                max_upload_bytes=int(args.max_upload_mb * 2**20))
     return 0
 
 
@@ -363,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation, as in predict")
     p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="refuse uploads larger than this many MiB (default 20); uploads are deleted once classified")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
