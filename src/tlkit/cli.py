@@ -394,9 +394,10 @@ def _one_line(errors: list[dict]) -> str:
     parts = []
     for err in errors:
         field = ".".join(str(x) for x in err["loc"]) or "config"
-        value = err.get("input")
-        got = "" if isinstance(value, (dict, list)) and len(repr(value)) > 60 else f" (got {repr(value)[:60]})"
-        parts.append(f"{field}: {err['msg'].removeprefix('Value error, ')}{got}")
+        message, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        # The value, unless the message quotes it already or it is a long section.
+        quiet = "got " in message or isinstance(value, (dict, list)) and len(repr(value)) > 60
+        parts.append(f"{field}: {message}" + ("" if quiet else f" (got {repr(value)[:60]})"))
     return "; ".join(parts)
 
 

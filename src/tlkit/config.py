@@ -541,8 +541,9 @@ def _check_yaml_tree(root: yaml.Node, source: str) -> None:
             subs = [done[id(c)] for c in _yaml_children(node)]
             size, height = 1 + sum(s for s, _ in subs), 1 + max((h for _, h in subs), default=0)
             if size > _MAX_NODES or height > _MAX_DEPTH:
-                what = f"more than {_MAX_NODES} values" if size > _MAX_NODES else f"deeper than {_MAX_DEPTH} levels"
-                raise ConfigError(f"{source}: {_at(node.start_mark)}{what} (with aliases expanded)")
+                what = (f"more than {_MAX_NODES} values (with aliases expanded)" if size > _MAX_NODES
+                        else f"nested deeper than {_MAX_DEPTH} levels")
+                raise ConfigError(f"{source}: {_at(node.start_mark)}{what}")
             done[key] = (size, height)
         elif key in open_ids:
             raise ConfigError(f"{source}: {_at(node.start_mark)}recursive alias (a value that contains itself)")
