@@ -196,6 +196,8 @@ def test_page_shows_the_predicted_label_in_chromium(served, cache, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    uploaded = {p.read_bytes() for p in photos}
+    assert not [f for f in _files(cache) if f.read_bytes() in uploaded]  # the page's uploads are gone too
 
 
 def test_build_demo_rejects_bad_arguments(served):
