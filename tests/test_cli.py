@@ -1,4 +1,8 @@
+import csv
+import io
 import json
+
+import pytest
 
 from conftest import copy_sample
 from tlkit import RunConfig
@@ -105,3 +109,85 @@ def test_lr_find_command_prints_a_suggestion_and_saves_the_plot(tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 6 and 1e-4 <= out["suggestion"] <= 1e-1
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- hostile class and file names (issue 13): escaped on the terminal, neutral in CSV, exact in JSON
+HOSTILE = ['=HYPERLINK("http://evil.example","x")', "\x1b[31mred\x1b[0m", "+cmd", "-2+3", "@SUM(A1)", "\tTab",
+           "\rCR", "rtl\u202egpj.exe", "bell\x07", "plain"]
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """A tiny random-init checkpoint whose class names are hostile, and photos with hostile names."""
+    from conftest import SAMPLE, tiny_tuner
+
+    root = tmp_path_factory.mktemp("hostile")
+    ckpt = tiny_tuner(HOSTILE).save(root / "m.safetensors")
+    photo = sorted((SAMPLE / "glass").iterdir())[0].read_bytes()
+    for name in ("=cmd.jpg", "a\x1b]0;pwned\x07b.jpg"):
+        (root / name).write_bytes(photo)
+    return root, str(ckpt)
+
+
+def _predict(root, ckpt, fmt, capsys, monkeypatch):
+    monkeypatch.chdir(root)  # relative paths, so that "=cmd.jpg" starts its CSV cell
+    assert main(["predict", "--checkpoint", ckpt, "--format", fmt, "--top-k", str(len(HOSTILE)),
+                 "=cmd.jpg", "a\x1b]0;pwned\x07b.jpg"]) == 0
+    return capsys.readouterr().out
+
+
+def test_predict_table_shows_control_characters_escaped(hostile_run, capsys, monkeypatch):
+    out = _predict(*hostile_run, "table", capsys, monkeypatch)
+    assert not any(c in out for c in "\x1b\x07\r\t\u202e")
+    for shown in ("\\x1b[31mred\\x1b[0m", "\\tTab", "\\rCR", "rtl\\u202egpj.exe", "bell\\x07", "a\\x1b]0;pwned\\x07b.jpg"):
+        assert shown in out
+
+
+def test_predict_csv_neutralises_formulas(hostile_run, capsys, monkeypatch):
+    out = _predict(*hostile_run, "csv", capsys, monkeypatch)
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["path", "label", "probability", "'=HYPERLINK(\"http://evil.example\",\"x\")",
+                       "\\x1b[31mred\\x1b[0m", "'+cmd", "'-2+3", "'@SUM(A1)", "'\\tTab", "'\\rCR",
+                       "rtl\\u202egpj.exe", "bell\\x07", "plain"]
+    assert [r[0] for r in rows[1:]] == ["'=cmd.jpg", "a\\x1b]0;pwned\\x07b.jpg"]
+    assert all(r[1] in rows[0][3:] for r in rows[1:])  # the label cell is neutralised the same way
+    assert not any(c in out for c in "\x1b\x07\u202e")
+
+
+def test_predict_json_keeps_the_exact_names(hostile_run, capsys, monkeypatch):
+    lines = [json.loads(x) for x in _predict(*hostile_run, "json", capsys, monkeypatch).splitlines()]
+    assert [x["path"] for x in lines] == ["=cmd.jpg", "a\x1b]0;pwned\x07b.jpg"]
+    assert all(list(x["probabilities"]) == HOSTILE and x["label"] in HOSTILE for x in lines)
+
+
+# -- tlkit train checks what it can before the run folder exists -------------------------------
+def test_bad_config_is_one_line_on_stderr(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("train:\n  lr: -1\n  device: banana\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tlkit train: error: train.lr: ")
+    assert "train.device: device must be 'auto', 'cpu', 'cuda', 'cuda:N'" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["backbone.name=no_such_net"], "backbone.name"), (["data.root=/nonexistent/photos"], "data.root"),
+    (["backbone.pretrained=true", "backbone.weights=/nonexistent.safetensors"], "backbone.weights"),
+    (["train.class_weights=[1.0, 2.0]"], "class_weights"), (["freeze.freeze=['no.such.layer*']"], "no.such.layer"),
+    (["freeze.depth=-1", "freeze.freeze=['*']"], "trainable"), (["data.bad_images=error"], "unusable image"),
+])
+def test_train_fails_before_creating_the_run_folder(tmp_path, capsys, overrides, named):
+    # Each of these failed inside fit, after config.yaml was written (issue 13).
+    root = copy_sample(tmp_path / "data", per_class=2)
+    (root / "glass" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    base = ["backbone.name=test_resnet", "backbone.pretrained=false", "train.device=cpu", "train.epochs=1",
+            "train.warmup_epochs=0", "train.progress=false", f"data.root={root}", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", *(a for o in [*base, *overrides] for a in ("--set", o))]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_flags_are_checked_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", "m.safetensors", "--device", "banana", "x.jpg"])
+    assert "device must be 'auto', 'cpu', 'cuda', 'cuda:N'" in capsys.readouterr().err

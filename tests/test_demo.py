@@ -5,8 +5,10 @@ Browser tests skip when Chromium or Playwright is missing, unless ``TLKIT_BROWSE
 """
 
 import os
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,13 +17,14 @@ from tlkit import FineTuner
 from tlkit.cli import main
 
 gr = pytest.importorskip("gradio")
-from tlkit.demo import build_demo, launch_demo  # noqa: E402
+from tlkit.demo import _describe, build_demo, launch_demo, private_upload_folder  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Chromium on a closed network: no background connections, no sandbox (CI runs as root).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 CLASSES = ["cardboard", "glass", "metal"]
+LIMIT = 2**20  # the served demo's upload limit, bytes (the shipped photos are ~30 kB)
 
 
 def _browser_or_skip():
@@ -38,22 +41,50 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def cache(tmp_path_factory):
+    """Gradio's upload cache for this module's servers: a folder of its own, so files can be counted."""
+    folder = tmp_path_factory.mktemp("gradio-cache")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read when components and the server are created
+    yield folder
+    os.environ.pop("GRADIO_TEMP_DIR") if before is None else os.environ.update(GRADIO_TEMP_DIR=before)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh upload cache for a test that starts its own server."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _client(demo, tmp_path):
+    from gradio_client import Client
+
+    # The client's downloads go elsewhere: the cache must hold only what the server keeps.
+    return Client(demo.local_url, verbose=False, download_files=str(tmp_path / "client"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cache):
     """A tiny trained-from-scratch model, saved, loaded back as the CLI would, and served."""
     tuner = tiny_tuner(CLASSES)
     ckpt = tuner.save(tmp_path_factory.mktemp("demo") / "model.safetensors", metrics={"top1": 0.5, "epoch": 0})
     loaded = FineTuner.load(ckpt, device="cpu", progress=False)
-    demo = launch_demo(loaded, port=None, block=False, quiet=True)
+    demo = launch_demo(loaded, port=None, block=False, quiet=True, max_upload_bytes=LIMIT)
     yield loaded, demo
     demo.close()
 
 
-def test_api_endpoint_returns_predict_probabilities(served):
-    from gradio_client import Client, handle_file
+def test_api_endpoint_returns_predict_probabilities(served, tmp_path):
+    from gradio_client import handle_file
 
     tuner, demo = served
     photo = sorted((SAMPLE / "metal").iterdir())[0]
-    _, out = Client(demo.local_url, verbose=False).predict(handle_file(str(photo)), api_name="/classify")
+    _, out = _client(demo, tmp_path).predict(handle_file(str(photo)), api_name="/classify")
     expected = tuner.predict(photo)[0]
     assert out["label"] == expected.label
     shown = {c["label"]: c["confidence"] for c in out["confidences"]}
@@ -61,17 +92,84 @@ def test_api_endpoint_returns_predict_probabilities(served):
     assert shown == pytest.approx(expected.probabilities, abs=1e-6)
 
 
-def test_api_endpoint_names_a_bad_file(served, tmp_path):
-    from gradio_client import Client, handle_file
+def test_api_endpoint_names_a_bad_file_by_its_name_only(served, cache, tmp_path):
+    from gradio_client import handle_file
 
     _, demo = served
     bad = tmp_path / "broken.jpg"
     bad.write_bytes((SAMPLE / "glass" / sorted(os.listdir(SAMPLE / "glass"))[0]).read_bytes()[:300])
-    with pytest.raises(Exception, match="broken.jpg"):
-        Client(demo.local_url, verbose=False).predict(handle_file(str(bad)), api_name="/classify")
+    with pytest.raises(Exception, match="broken.jpg: cannot decode") as info:
+        _client(demo, tmp_path).predict(handle_file(str(bad)), api_name="/classify")
+    assert str(cache) not in str(info.value) and "/" not in str(info.value).split(":")[0]  # no server path
 
 
-def test_page_shows_the_predicted_label_in_chromium(served, tmp_path):
+def test_uploads_are_deleted_once_classified_and_the_rest_at_shutdown(served, own_cache, tmp_path):
+    from gradio_client import handle_file
+
+    tuner, _ = served
+    photos = [sorted((SAMPLE / c).iterdir())[2] for c in CLASSES]
+    uploaded = {p.read_bytes() for p in photos}
+    demo = launch_demo(tuner, port=None, block=False, quiet=True, max_upload_bytes=LIMIT)
+    client = _client(demo, tmp_path)
+    try:
+        for photo in photos:
+            client.predict(handle_file(str(photo)), api_name="/classify")
+        kept = _files(own_cache)
+        # Before: every upload stayed in Gradio's cache. Now only the page's small previews do.
+        assert not [f for f in kept if f.read_bytes() in uploaded]
+        assert [f.suffix for f in kept] == [".webp"] * len(photos)
+    finally:
+        demo.close()
+    assert _files(own_cache) == []  # the previews went at shutdown
+
+
+def test_gradio_refuses_an_upload_over_the_limit_before_storing_it(own_cache):
+    import httpx
+
+    tuner = tiny_tuner(CLASSES)
+    demo = launch_demo(tuner, port=None, block=False, quiet=True, max_upload_bytes=100_000)
+    try:
+        r = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("huge.jpg", b"\xff" * 300_000)})
+        assert r.status_code == 413 and "100000 bytes" in r.text
+        assert _files(own_cache) == []
+    finally:
+        demo.close()
+
+
+def test_tlkit_checks_the_size_before_decoding_when_embedded_without_gradios_limit(own_cache, tmp_path):
+    from gradio_client import handle_file
+
+    demo = build_demo(tiny_tuner(CLASSES), max_upload_bytes=10_000)
+    demo.launch(prevent_thread_lock=True, quiet=True)  # embedded: no max_file_size given to Gradio
+    photo = sorted((SAMPLE / "glass").iterdir())[0]  # ~30 kB
+    try:
+        size = f"{photo.stat().st_size / 1024:.1f} KiB"
+        with pytest.raises(Exception, match=rf"{photo.name}: {size} is over this demo's upload limit of 9.8 KiB"):
+            _client(demo, tmp_path).predict(handle_file(str(photo)), api_name="/classify")
+        assert _files(own_cache) == []  # refused, and deleted
+    finally:
+        demo.close()
+
+
+def test_private_upload_folder_is_removed_on_exit(monkeypatch):
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    with private_upload_folder() as folder:
+        assert os.environ["GRADIO_TEMP_DIR"] == str(folder) and folder.is_dir()
+        (folder / "upload.jpg").write_bytes(b"x")
+    assert not folder.exists() and "GRADIO_TEMP_DIR" not in os.environ
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "/somewhere/chosen")
+    with private_upload_folder() as folder:  # the user's choice is kept
+        assert folder is None and os.environ["GRADIO_TEMP_DIR"] == "/somewhere/chosen"
+
+
+def test_class_names_are_shown_as_text_on_the_page():
+    tuner = tiny_tuner(["![x](http://tracker.example/p.png)", "<img src=x onerror=alert(1)>", "a\x1b[2Jb"])
+    text = _describe(tuner)
+    assert not re.search(r"(?<!\\)[<>\[\]()!]", text) and "\x1b" not in text  # every markup character escaped
+    assert "\\<img src\\=x onerror\\=alert\\(1\\)\\>" in text
+
+
+def test_page_shows_the_predicted_label_in_chromium(served, cache, tmp_path):
     sync_playwright = _browser_or_skip()
     tuner, demo = served
     photos = [sorted((SAMPLE / c).iterdir())[1] for c in CLASSES]
@@ -98,6 +196,8 @@ def test_page_shows_the_predicted_label_in_chromium(served, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    uploaded = {p.read_bytes() for p in photos}
+    assert not [f for f in _files(cache) if f.read_bytes() in uploaded]  # the page's uploads are gone too
 
 
 def test_build_demo_rejects_bad_arguments(served):
@@ -106,6 +206,8 @@ def test_build_demo_rejects_bad_arguments(served):
         build_demo(tuner, top_k=0)
     with pytest.raises(ValueError, match="tta"):
         build_demo(tuner, tta="rotate")
+    with pytest.raises(ValueError, match="max_upload_bytes"):
+        build_demo(tuner, max_upload_bytes=0)
 
 
 def test_cli_demo_without_gradio_says_how_to_install(tmp_path, monkeypatch, capsys):
@@ -125,5 +227,11 @@ def test_cli_demo_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--host", "--port", "--top-k", "--tta", "--device", "--share"):
+    for flag in ("--checkpoint", "--host", "--port", "--top-k", "--tta", "--device", "--share", "--max-upload-mb"):
         assert flag in out
+
+
+def test_cli_demo_refuses_a_bad_upload_limit(tmp_path, capsys):
+    ckpt = tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
+    assert main(["demo", "--checkpoint", str(ckpt), "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb must be in (0, 1024]" in capsys.readouterr().err

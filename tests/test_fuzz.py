@@ -6,6 +6,7 @@ import math
 import zlib
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -171,3 +172,172 @@ def test_random_config_dicts_validate_or_raise_a_validation_error(folder, raw):
     assert all(math.isfinite(x) for x in _floats(dumped)), dumped  # no NaN or inf gets in
     for suffix in (".yaml", ".json"):
         assert RunConfig.from_file(config.to_file(folder / f"run{suffix}")) == config
+
+
+# -- config files and --set values as an adversary writes them (issue 13) --------------------
+# Each: file name, content, and what the error must name (a field, or the line of a syntax error).
+# Before the fix, 11 of 49 such files ended in a traceback (YAML errors and tags, device: banana,
+# a 100000 x 100000 input that ran out of memory in the first epoch) and 6 failed only after
+# `tlkit train` had written the run folder.
+NASTY_FILES = [
+    ("flow.yaml", "train: [epochs: 3\n", "line 2, column 1"),
+    ("tab.yaml", "train:\n\tepochs: 3\n", "line 2, column 1"),
+    ("brace.yaml", "train: {lr: 0.1\n", "line 2, column 1"),
+    ("quote.yaml", "train:\n  device: 'cpu\n", "line 3, column 1"),
+    ("indent.yaml", "train:\n  epochs: 3\n epochs: 4\n", "line 3, column 2"),
+    ("python-object.yaml", "!!python/object/apply:os.system ['echo hacked']\n", "line 1, column 1"),
+    ("python-name.yaml", "train:\n  device: !!python/name:os.system\n", "line 2, column 11"),
+    ("custom-tag.yaml", "train: !custom 3\n", "line 1, column 8"),
+    ("binary.yaml", "train:\n  device: !!binary aGVsbG8=\n", "line 2, column 11"),
+    ("date.yaml", "train:\n  seed: 2024-01-01\n", "line 2, column 9"),
+    ("set.yaml", "!!set {a, b}\n", "line 1, column 1"),
+    ("utf16.yaml", "train:\n  epochs: 3\n".encode("utf-16"), "line 1, column 1"),
+    ("latin1.yaml", b"train:\n  device: caf\xe9\n", "line 2, column 14"),
+    ("nul.yaml", b"train:\n  device: c\x00pu\n", "line 2, column 12"),
+    ("escape.yaml", b"train:\n  device: \x1b[2J\n", "line 2, column 11"),
+    ("loop.yaml", "a: &a [*a]\n", "line 1, column 4"),
+    ("laughs.yaml", "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)), "line 6"),
+    ("deep.yaml", "[" * 200 + "]" * 200, "nested deeper than 32 levels"),
+    ("two-docs.yaml", "train: {}\n---\nhead: {}\n", "line 2, column 1"),
+    ("repeat.yaml", "train:\n  epochs: 3\n  epochs: 300\n", "line 3, column 3: key 'epochs' repeats"),
+    ("unhashable.yaml", "? [1, 2]\n: 3\n", "line 1, column 3"),
+    ("list.yaml", "- train\n- head\n", "mapping at the top level"),
+    ("syntax.json", '{"train": {"epochs": 3,}}', "line 1, column 24"),
+    ("repeat.json", '{"train": {"epochs": 3, "epochs": 300}}', "key 'epochs' repeats"),
+    ("nan.json", '{"train": {"lr": NaN}}', "train.lr"),
+    ("banana.yaml", "train:\n  device: banana\n", "train.device"),
+    ("cuda-x.yaml", "train:\n  device: 'cuda:x'\n", "train.device"),
+    ("huge-input.yaml", "backbone:\n  data_config:\n    input_size: [3, 100000, 100000]\n",
+     "backbone.data_config.input_size"),
+    ("zero-input.yaml", "backbone:\n  data_config:\n    input_size: [3, 0, 0]\n", "backbone.data_config.input_size"),
+    ("tiny-crop.yaml", "backbone:\n  data_config:\n    crop_pct: 1.0e-300\n", "backbone.data_config.crop_pct"),
+    ("tiny-std.yaml", "backbone:\n  data_config:\n    std: [1.0e-310, 0.5, 0.5]\n", "backbone.data_config.std"),
+    ("epochs-1e23.yaml", "train:\n  epochs: 1e23\n", "train.epochs"),
+    ("epochs-float.yaml", "train:\n  epochs: 1.0e+23\n", "train.epochs"),
+    ("epochs-half.yaml", "train:\n  epochs: 2.5\n", "train.epochs"),
+    ("epochs-true.yaml", "train:\n  epochs: true\n", "train.epochs"),
+    ("epochs-many.yaml", "train:\n  epochs: 100000\n", "train.epochs"),
+    ("seed-negative.yaml", "train:\n  seed: -1\n", "train.seed"),
+    ("seed-2-40.yaml", f"train:\n  seed: {2**40}\n", "train.seed"),
+    ("seed-2-32.yaml", f"train:\n  seed: {2**32}\n", "train.seed"),
+    ("split-seed.yaml", f"data:\n  split_seed: {2**40}\n", "data.split_seed"),
+    ("lr-nan.yaml", "train:\n  lr: .nan\n", "train.lr"),
+    ("wd-inf.yaml", "train:\n  weight_decay: .inf\n", "train.weight_decay"),
+    ("batch-zero.yaml", "train:\n  batch_size: 0\n", "train.batch_size"),
+    ("batch-huge.yaml", "train:\n  batch_size: 1000000000\n", "train.batch_size"),
+    ("workers.yaml", "train:\n  num_workers: 10000\n", "train.num_workers"),
+    ("hidden.yaml", "head:\n  hidden_dim: 1000000000\n", "head.hidden_dim"),
+    ("randaugment.yaml", "data:\n  augment:\n    auto_augment: rand-n100000\n", "data.augment.auto_augment"),
+    ("kwargs-nan.yaml", "backbone:\n  model_kwargs:\n    drop_rate: .nan\n", "backbone.model_kwargs"),
+    ("nul-path.yaml", 'output_dir: "runs/a\\0b"\n', "output_dir"),
+    ("section.yaml", "train: 5\n", "train"),
+    ("unknown.yaml", "train:\n  epochz: 3\n", "train.epochz"),
+]
+
+
+def _write(folder, name, content):
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _assert_clean(error, path, named):
+    """A ConfigError starting with the file, or a ValidationError, that names ``named``."""
+    from tlkit.config import ConfigError
+
+    if isinstance(error, ValidationError):
+        fields = [".".join(str(x) for x in e["loc"]) for e in error.errors()]
+        assert any(named in f or named in e["msg"] for f, e in zip(fields, error.errors())), (named, fields)
+    else:
+        assert isinstance(error, ConfigError), repr(error)
+        assert str(error).startswith(f"{path}: ") and named in str(error) and "\n" not in str(error), error
+
+
+@pytest.mark.parametrize("name,content,named", NASTY_FILES, ids=[c[0] for c in NASTY_FILES])
+def test_nasty_config_files_are_one_clean_error(tmp_path, name, content, named):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(ValueError) as info:  # ConfigError and ValidationError are ValueErrors
+        RunConfig.from_file(path)
+    _assert_clean(info.value, path, named)
+
+
+@pytest.mark.parametrize("name,content,named", NASTY_FILES, ids=[c[0] for c in NASTY_FILES])
+def test_tlkit_train_refuses_nasty_files_before_the_run_folder_exists(tmp_path, capsys, name, content, named):
+    from tlkit.cli import main
+
+    path, run = _write(tmp_path, name, content), tmp_path / "run"
+    assert main(["train", "--config", str(path), "--set", f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlkit train: error: ") and err.count("\n") == 1 and named in err, err
+    assert not any(c in err for c in "\x00\x1b\x07")
+    assert not run.exists()
+
+
+def test_a_directory_named_like_a_config_is_a_clean_error(tmp_path):
+    (tmp_path / "run.yaml").mkdir()
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_file(tmp_path / "run.yaml")
+    _assert_clean(info.value, tmp_path / "run.yaml", "is a directory")
+
+
+# Random YAML: dumps of random config dicts, then mutated (syntax characters, tags, anchors).
+YAML_JUNK = ["{", "}", "[", "]", ":", "- ", "? ", "&a ", "*a", "!!python/object:os.system ", "!x ", "'", '"',
+             "\t", "\n", "  ", "#", "---\n", "<<: ", "%YAML 1.1\n", "\x1b", "\x00", "\ufeff", ".nan", "1e23", "0x1F"]
+
+
+@st.composite
+def yaml_texts(draw):
+    raw = draw(random_configs)
+    raw.pop("augment_in_data", None)
+    text = yaml.safe_dump(raw, allow_unicode=True)
+    for _ in range(draw(st.integers(0, 4))):
+        i = draw(st.integers(0, len(text)))
+        text = text[:i] + draw(st.sampled_from(YAML_JUNK) | st.text(max_size=3)) + text[i + draw(st.integers(0, 3)):]
+    return text
+
+
+@FAST
+@given(text=yaml_texts(), suffix=st.sampled_from([".yaml", ".json"]))
+@example(text="train:\n  device: banana\n", suffix=".yaml")
+@example(text="a: &a [*a, *a]\nb: [*a, *a]\n", suffix=".yaml")
+def test_random_yaml_texts_read_or_fail_cleanly(folder, text, suffix):
+    from tlkit.config import ConfigError
+
+    path = folder / f"random{suffix}"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        RunConfig.from_file(path)
+    except ValidationError as e:
+        assert e.errors()
+    except ConfigError as e:
+        assert str(e).startswith(f"{path}: "), e
+
+
+# The `tlkit train` checks that run before anything is written, on random --set overrides.
+KEYS = [f"{section}.{field}" for section, model in SECTIONS.items() for field in model.model_fields] + [
+    "output_dir", "backbone.data_config.input_size", "data.augment.auto_augment", "train.nope", "nope.x"]
+set_values = st.sampled_from(YAML_JUNK + ["banana", "-1", "0", "4294967296", "[3, 100000, 100000]", "true", "null",
+                                          "cuda:7", "mps", "1.5", "{a: 1}", "rand-n1000"]) | st.text(max_size=8)
+
+
+@FAST
+@given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), set_values), max_size=4))
+@example(overrides=[("train.device", "banana")])
+@example(overrides=[("backbone.data_config.input_size", "[3, 100000, 100000]")])
+@example(overrides=[("train.seed", "-1"), ("train.epochs", "1e23")])
+def test_train_checks_random_overrides_before_writing(folder, overrides):
+    from tlkit.cli import _train_inputs, build_parser
+
+    run = folder / "cli-run"
+    sets = [f"{k}={v}" for k, v in overrides]
+    base = ["--set", "backbone.name=test_resnet", "--set", "backbone.pretrained=false", "--set", f"data.root={SAMPLE}"]
+    args = build_parser().parse_args(["train", *base, *(a for s in sets for a in ("--set", s)), "--set",
+                                      f"output_dir={run}"])
+    try:
+        config, train, _ = _train_inputs(args)  # everything tlkit train checks before it builds a model
+    except (ValueError, FileNotFoundError) as e:  # ValidationError and ConfigError are ValueErrors
+        assert str(e)
+    else:
+        assert config.output_dir == run and train.classes
+    assert not run.exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from tlkit._text import csv_cell, escape_control
+from tlkit.config import check_device
 from tlkit.images import MAX_BYTES, MAX_PIXELS
 
 __all__ = ["main"]
@@ -19,6 +22,34 @@ def _parse_override(text: str) -> str:
     return text
 
 
+def _device_arg(text: str) -> str:
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _require_device(device: str, what: str = "--device") -> None:
+    """Fail now, with the reason, if ``device`` names hardware this machine lacks.
+
+    ``what`` (the option or config field) starts the message.
+
+    Raises:
+        ValueError: CUDA or MPS asked for but not available, or a GPU index past the last GPU.
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{what}: {device!r} but no CUDA GPU is available here; use 'cpu' or 'auto'")
+        if index and int(index) >= count:
+            raise ValueError(f"{what}: {device!r} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"{what}: {device!r} but Apple MPS is not available here; use 'cpu' or 'auto'")
+
+
 def _run_config(args: argparse.Namespace):
     """The RunConfig of ``--config``, then ``--recipe``, then every ``--set`` (which win)."""
     from tlkit import RunConfig, apply_recipe
@@ -29,14 +60,87 @@ def _run_config(args: argparse.Namespace):
     return config.with_overrides(args.set or [])
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from tlkit import FineTuner, load_datasets
+def _check_run_paths(config) -> None:
+    """The files and folders a RunConfig names exist, and ``output_dir`` can be made.
 
-    from tlkit._training.guard import run_guard
+    Raises:
+        FileNotFoundError: ``data.root``, ``data.val_root`` or ``backbone.weights`` is missing.
+        ValueError: ``data.root`` unset, ``output_dir`` (or a folder above it) is a file or not
+            writable, or ``feature_cache_dir`` is a file.
+    """
+    data = config.data
+    if data.root is None:
+        raise ValueError("data.root is not set: give the folder that holds one sub-folder per class")
+    for field, folder in (("data.root", data.root), ("data.val_root", data.val_root)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{field}: dataset folder not found: {folder}")
+    weights = config.backbone.weights
+    if config.backbone.pretrained and weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone.weights: no such file: {weights}")
+    cache = config.train.feature_cache_dir
+    if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
+        raise ValueError(f"train.feature_cache_dir: {cache} is a file, not a folder")
+    out = Path(config.output_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not writable" if existing.is_dir() else "a file"
+        raise ValueError(f"output_dir: cannot create {out}: {existing} is {problem}")
+
+
+def _train_inputs(args: argparse.Namespace):
+    """The RunConfig and datasets of ``tlkit train``, checked as far as possible without a model.
+
+    Returns:
+        ``(config, train, val)``. Nothing is written: the run folder does not exist yet.
+
+    Raises:
+        ValueError, FileNotFoundError: a bad config (naming the field or file), a missing
+            folder or weights file, an unknown backbone name, a device this machine lacks.
+    """
+    import timm
+
+    from tlkit import load_datasets
 
     config = _run_config(args)
+    if not timm.is_model(config.backbone.name):
+        raise ValueError(f"backbone.name: unknown timm model name {config.backbone.name!r} "
+                         "(`tlkit backbones PATTERN` lists the names)")
+    _require_device(config.train.device, "train.device")
+    _check_run_paths(config)
     train, val = load_datasets(config.data)
+    return config, train, val
+
+
+def _check_before_writing(tuner, train, val) -> None:
+    """Run the checks `FineTuner.fit` would make only after the run folder exists.
+
+    Every freeze phase leaves something to train and its patterns match; class weights fit
+    the classes; every image is decoded once (fit skips datasets scanned here), bad files
+    reported on stderr, or with ``bad_images="error"`` the scan raises.
+
+    Raises:
+        ValueError: as `FreezePolicy.trainable_names`, `FineTuner.class_weights`, or
+            `ImageFolderDataset.scan` (`BadImageError` is a ValueError).
+    """
+    from tlkit import ImageFolderDataset
+
+    for epoch in [0, *(e for e in tuner.policy.boundaries() if e < tuner.config.epochs)]:
+        tuner.policy.trainable_names(tuner.model, epoch)
+    tuner.class_weights(train)
+    for data in (train, val):
+        if isinstance(data, ImageFolderDataset) and data.scan_report is None:
+            report = data.scan()
+            if (report.bad or report.ignored) and tuner.is_main:
+                print(escape_control(report.summary(), keep="\n"), file=sys.stderr)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tlkit import FineTuner
+    from tlkit._training.guard import run_guard
+
+    config, train, val = _train_inputs(args)
     tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
+    _check_before_writing(tuner, train, val)
     try:
         with run_guard(tuner):  # the lock comes before config.yaml: a second run never overwrites it
             if tuner.is_main:
@@ -71,6 +175,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tlkit import FineTuner, ImageFolderDataset
 
     # Progress bars go to stderr, and only to a terminal: stdout stays one JSON object.
+    _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
     data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
     metrics = tuner.evaluate(data, batch_size=args.batch_size)
@@ -96,11 +201,30 @@ def _expand(patterns: list[str]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _print_csv(rows: list[dict], classes: list[str]) -> None:
+    # Class names and paths may be a stranger's: neutralise formulas, escape control characters.
     import csv
 
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["path", "label", "probability", *(csv_cell(c) for c in classes)])
+    for r in rows:
+        writer.writerow([csv_cell(r["path"]), csv_cell(r["label"]), f"{r['probability']:.6f}",
+                         *(f"{r['probabilities'][c]:.6f}" for c in classes)])
+
+
+def _print_table(rows: list[dict], top_k: int) -> None:
+    # Escaped, so that a class or file name cannot drive the terminal (colours, cursor, title).
+    paths = [escape_control(r["path"]) for r in rows]
+    width = max(len(p) for p in paths)
+    print(f"{'path':<{width}}  top-{top_k}")
+    for path, r in zip(paths, rows):
+        print(f"{path:<{width}}  " + ", ".join(f"{escape_control(c)} {v:.1%}" for c, v in r["top"]))
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
 
+    _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
     paths = _expand(args.images)
     preds = tuner.predict(paths, batch_size=args.batch_size, max_pixels=args.max_pixels,
@@ -110,20 +234,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[: args.top_k]
         rows.append({"path": str(path), "label": p.label, "probability": p.probability, "top": top,
                      "probabilities": p.probabilities})
-    if args.format == "json":
+    if args.format == "json":  # exact values: json.dumps escapes every control character
         for r in rows:
             print(json.dumps({k: r[k] for k in ("path", "label", "probability", "probabilities")}))
     elif args.format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "label", "probability", *tuner.classes])
-        for r in rows:
-            writer.writerow([r["path"], r["label"], f"{r['probability']:.6f}",
-                             *(f"{r['probabilities'][c]:.6f}" for c in tuner.classes)])
+        _print_csv(rows, tuner.classes)
     else:
-        width = max(len(r["path"]) for r in rows)
-        print(f"{'path':<{width}}  top-{args.top_k}")
-        for r in rows:
-            print(f"{r['path']:<{width}}  " + ", ".join(f"{c} {v:.1%}" for c, v in r["top"]))
+        _print_table(rows, args.top_k)
     return 0
 
 
@@ -172,8 +289,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
     from tlkit.demo import launch_demo
 
+    if not 0 < args.max_upload_mb <= 1024:
+        raise ValueError(f"--max-upload-mb must be in (0, 1024], got {args.max_upload_mb}")
+    _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
-    launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share)
+    launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share,
+                max_upload_bytes=int(args.max_upload_mb * 2**20))
     return 0
 
 
@@ -230,14 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--data", required=True, help="folder with one sub-folder per class (names as in the checkpoint)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images; prints one JSON object per image")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help=f"refuse images whose header claims more pixels (default {MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES,
@@ -265,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="classes shown with their probabilities (default 3)")
     p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
                    help="test-time augmentation, as in predict")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="refuse uploads larger than this many MiB (default 20); uploads are deleted once classified")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
@@ -288,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(errors: list[dict]) -> str:
+    """pydantic's errors as ``field: message (got value)``, joined by ``; `` (its str is 4 lines each)."""
+    parts = []
+    for err in errors:
+        field = ".".join(str(x) for x in err["loc"]) or "config"
+        message, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        # The value, unless the message quotes it already or it is a long section.
+        quiet = "got " in message or isinstance(value, (dict, list)) and len(repr(value)) > 60
+        parts.append(f"{field}: {message}" + ("" if quiet else f" (got {repr(value)[:60]})"))
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input, with the reason on stderr)."""
     from pydantic import ValidationError
@@ -305,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError, RunLockedError,
             OutputDirError) as e:
-        print(f"tlkit {args.command}: error: {e}", file=sys.stderr)
+        message = _one_line(e.errors(include_url=False)) if isinstance(e, ValidationError) else str(e)
+        # Messages quote file names, class names and config values: never raw control characters.
+        print(f"tlkit {args.command}: error: {escape_control(message, keep=chr(10))}", file=sys.stderr)
         return 2
     except (RunFileError, FloatingPointError) as e:  # the run's state is known; no traceback helps
         print(f"tlkit {args.command}: error: {e}", file=sys.stderr)

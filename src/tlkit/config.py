@@ -3,11 +3,20 @@
 Every model here is a pydantic v2 model that rejects unknown keys and out-of-range values with an
 error naming the field, and round-trips through YAML or JSON (`RunConfig.from_file`,
 `RunConfig.to_file`). YAML is read with ``yaml.safe_load`` only.
+
+Config files may come from strangers (a shared recipe, a bug report), so every number has an
+upper bound that keeps a run within one machine's reach (the ``MAX_*`` constants below), integer
+fields take whole numbers only (``epochs: 1e23`` or ``2.5`` is an error, not a rounded value),
+floats must be finite, and a file that is not a readable YAML/JSON mapping is one `ConfigError`
+naming the file, line and column.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +27,7 @@ from tlkit._strict import StrictModel
 from tlkit.freeze import FreezePolicy
 
 __all__ = [
+    "ConfigError",
     "StrictModel",
     "DataConfigOverrides",
     "BackboneConfig",
@@ -27,6 +37,93 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
 ]
+
+# Upper bounds. Each is far above any real run and far below what exhausts a machine before the
+# first batch (a 100000 x 100000 input is a MemoryError in the first forward pass).
+MAX_IMAGE_SIDE = 4096  # pixels, model input height and width
+MAX_BATCH = 16_384  # images per step or forward pass
+MAX_EPOCHS = 10_000
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,843
+MAX_HIDDEN_DIM = 65_536
+# DataLoader workers are processes, each with its own copy of the dataset and transforms; past a
+# few dozen the main process cannot take batches faster. A fixed bound (not os.cpu_count()) keeps
+# one config file valid on every machine.
+MAX_WORKERS = 64
+MAX_FEATURE_VIEWS = 64  # cached augmented views: each is one pass over the data, kept in memory
+MAX_FOLDS = 100
+SEED_LIMIT = 2**32  # numpy's seed range: 0 <= seed < 2**32
+# Accepted device strings; anything else would fail in torch.device or at model.to(...).
+DEVICE_FORMS = "'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index, e.g. 'cuda:1') or 'mps'"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+# RandAugment / AugMix ops applied to every training image: more layers only slow training down.
+MAX_AUGMENT_OPS = 10
+
+
+class ConfigError(ValueError):
+    """A config file (or a ``--set`` value) that cannot be read as a YAML/JSON mapping.
+
+    The message starts with the file path (or the override) and, for syntax errors, names the
+    line and column: ``run.yaml: line 3, column 9: expected ',' or ']', but got '<stream end>'``.
+    """
+
+
+def whole_number(value: Any) -> Any:
+    """Refuse floats and booleans where an integer is meant (a before-validator).
+
+    pydantic's lax mode turns ``2.0`` or ``1e15`` into an int and ``True`` into 1; a config that
+    says ``epochs: 1e15`` or ``seed: true`` is a typo, not a request.
+
+    Raises:
+        ValueError: ``value`` is a bool or a float.
+    """
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"must be a whole number written without a decimal point or exponent, got {value!r}")
+    return value
+
+
+def check_device(device: str) -> str:
+    """Return ``device`` if it is one of the accepted device strings.
+
+    Raises:
+        ValueError: any other string, listing the accepted forms.
+    """
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be {DEVICE_FORMS}, got {device!r}")
+    return device
+
+
+def _no_nul(path: Path | None) -> Path | None:
+    # A NUL byte is legal in a Python string but in no file name: open() would fail later.
+    if path is not None and "\x00" in str(path):
+        raise ValueError(f"path contains a NUL character: {str(path)!r}")
+    return path
+
+
+def _json_like(value: Any, where: str, depth: int = 0) -> int:
+    """Check ``value`` is plain data (what YAML and JSON hold); return its size in items.
+
+    Raises:
+        ValueError: another type, a non-finite float, a non-string key, or deeper than 16
+            levels / more than 10,000 items (limits that also stop YAML alias bombs).
+    """
+    if depth > 16:
+        raise ValueError(f"{where}: nested more than 16 levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is not a finite number")
+    if value is None or isinstance(value, (str, int, float)):
+        return 1
+    if isinstance(value, (list, tuple)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = [(f"{where}.{k}", v) for k, v in value.items()]
+    else:
+        raise ValueError(f"{where}: {type(value).__name__} is not plain data (str, number, bool, null, list, mapping)")
+    size = 1
+    for sub, v in items:
+        size += _json_like(v, sub, depth + 1)
+        if size > 10_000:
+            raise ValueError(f"{where}: more than 10,000 items")
+    return size
 
 
 class DataConfigOverrides(StrictModel):
@@ -38,27 +135,65 @@ class DataConfigOverrides(StrictModel):
     """
 
     input_size: tuple[int, int, int] | None = Field(
-        None, description="(channels, height, width) of the model input, pixels."
+        None,
+        description=f"(channels, height, width) of the model input, pixels: (3, H, W), 8 <= H, W <= {MAX_IMAGE_SIDE}.",
     )
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] | None = None
-    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Centre-crop fraction at eval.")
+    # At least 0.5: eval resizes to input / crop_pct, so a tiny fraction asks for a huge image.
+    crop_pct: float | None = Field(None, ge=0.5, le=1.0, description="Centre-crop fraction at eval, in [0.5, 1].")
     crop_mode: Literal["center", "squash", "border"] | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float, float, float] | None = Field(None, description="Per-channel mean of [0, 1] pixels, in [0, 1].")
+    std: tuple[float, float, float] | None = Field(None, description="Per-channel std, each in [0.001, 10].")
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _whole_sizes(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                whole_number(x)
+        return v
 
     @field_validator("input_size")
     @classmethod
     def _positive_size(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        if v is not None and (v[0] != 3 or v[1] < 8 or v[2] < 8):
-            raise ValueError(f"input_size must be (3, H, W) with H, W >= 8, got {v}")
+        if v is not None and (v[0] != 3 or not all(8 <= side <= MAX_IMAGE_SIDE for side in v[1:])):
+            raise ValueError(f"input_size must be (3, H, W) with 8 <= H, W <= {MAX_IMAGE_SIDE}, got {v}")
+        return v
+
+    @field_validator("mean")
+    @classmethod
+    def _unit_mean(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and not all(0.0 <= m <= 1.0 for m in v):
+            raise ValueError(f"mean values must be in [0, 1] (pixels are scaled to [0, 1] first), got {v}")
         return v
 
     @field_validator("std")
     @classmethod
     def _positive_std(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
-        if v is not None and any(s <= 0 for s in v):
-            raise ValueError(f"std values must be > 0, got {v}")
+        # A subnormal std passes "> 0" and turns every input pixel into inf.
+        if v is not None and not all(1e-3 <= s <= 10.0 for s in v):
+            raise ValueError(f"std values must be in [0.001, 10], got {v}")
         return v
+
+
+def _check_timm_policy(policy: str) -> None:
+    """Build the timm transform for ``policy`` once, so a malformed string fails here, not in fit.
+
+    Raises:
+        ValueError: timm cannot parse it (timm raises AssertionError or ValueError), or it asks
+            for more than `MAX_AUGMENT_OPS` ops per image.
+    """
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    kind = policy.split("-")[0]
+    build = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(kind, auto_augment_transform)
+    try:
+        transform = build(policy, {})
+    except Exception as e:  # noqa: BLE001 - timm's parsers assert; any failure is a bad string
+        raise ValueError(f"auto_augment {policy!r} is not a valid timm policy ({type(e).__name__}: {e})") from None
+    ops = max(getattr(transform, "num_layers", 0), getattr(transform, "width", 0), getattr(transform, "depth", 0))
+    if ops > MAX_AUGMENT_OPS:
+        raise ValueError(f"auto_augment {policy!r} applies {ops} ops per image; at most {MAX_AUGMENT_OPS}")
 
 
 class BackboneConfig(StrictModel):
@@ -68,7 +203,10 @@ class BackboneConfig(StrictModel):
     hub download when ``pretrained`` is true; else random initialisation.
     """
 
-    name: str = Field("mobilenetv2_100", min_length=1, description="Any name timm.create_model knows.")
+    name: str = Field(
+        "mobilenetv2_100", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:/-]+$",
+        description="Any name timm.create_model knows (letters, digits and _ . : / - only).",
+    )
     pretrained: bool = Field(True, description="Load pretrained weights (from `weights` or the hub).")
     weights: Path | None = Field(None, description="Local weights file (.safetensors, .pt, .pth, .bin).")
     key_mapping: Literal["auto", "exact", "by_order"] = Field(
@@ -89,18 +227,24 @@ class BackboneConfig(StrictModel):
                 f"model_kwargs may not set {sorted(reserved)}: use BackboneConfig.pretrained / "
                 "HeadConfig.num_classes instead"
             )
+        # Written to config.yaml and the checkpoint header: plain, finite data only.
+        _json_like(v, "model_kwargs")
         return v
+
+    _paths = field_validator("weights")(_no_nul)
 
 
 class HeadConfig(StrictModel):
     """The new task head that replaces the pretrained classifier."""
 
     num_classes: int | None = Field(
-        None, ge=1, description="Number of classes; None takes it from the training data."
+        None, ge=1, le=MAX_CLASSES, description="Number of classes; None takes it from the training data."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each Linear.")
-    hidden_dim: int | None = Field(None, ge=1, description="Width of an optional hidden layer.")
+    hidden_dim: int | None = Field(None, ge=1, le=MAX_HIDDEN_DIM, description="Width of an optional hidden layer.")
     activation: Literal["relu", "gelu", "silu"] = "relu"
+
+    _whole = field_validator("num_classes", "hidden_dim", mode="before")(whole_number)
 
 
 class AugmentConfig(StrictModel):
@@ -126,18 +270,35 @@ class AugmentConfig(StrictModel):
     @field_validator("auto_augment")
     @classmethod
     def _known_policy(cls, v: str | None) -> str | None:
-        if v is None or v == "trivialaugment" or v.split("-")[0] in {"rand", "augmix", "original", "originalr", "v0", "v0r", "3a"}:
+        if v is None or v == "trivialaugment":
             return v
-        raise ValueError(
-            f"unknown auto_augment {v!r}: use 'trivialaugment' or a timm policy string starting with "
-            "'rand-', 'augmix-', 'original', 'v0' or '3a'"
-        )
+        if v.split("-")[0] not in {"rand", "augmix", "original", "originalr", "v0", "v0r", "3a"}:
+            raise ValueError(
+                f"unknown auto_augment {v!r}: use 'trivialaugment' or a timm policy string starting with "
+                "'rand-', 'augmix-', 'original', 'v0' or '3a'"
+            )
+        _check_timm_policy(v)
+        return v
 
     @field_validator("scale", "ratio")
     @classmethod
     def _ordered_pair(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"must be 0 < low <= high, got {v}")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _area_fraction(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1.0:
+            raise ValueError(f"scale is a fraction of the image area: high must be <= 1, got {v}")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _sane_ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0.01 <= v[0] and v[1] <= 100.0):
+            raise ValueError(f"ratio (width / height) must lie in [0.01, 100], got {v}")
         return v
 
 
@@ -147,9 +308,10 @@ class DatasetConfig(StrictModel):
     root: Path | None = Field(None, description="Folder with one sub-folder per class.")
     val_root: Path | None = Field(None, description="Separate validation folder; disables the split.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Stratified validation share.")
-    split_seed: int = Field(0, ge=0)
+    split_seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the split, 0 <= seed < 2**32.")
     num_folds: int | None = Field(
-        None, ge=2, description="Cross-validation: split into this many stratified folds instead of val_fraction."
+        None, ge=2, le=MAX_FOLDS,
+        description="Cross-validation: split into this many stratified folds instead of val_fraction.",
     )
     fold: int = Field(0, ge=0, description="Which fold is the validation set (with num_folds).")
     classes: list[str] | None = Field(None, description="Class names in index order; default sorted folders.")
@@ -163,6 +325,24 @@ class DatasetConfig(StrictModel):
         False, description="Keep a class whose folder has no usable image instead of failing."
     )
 
+    _whole = field_validator("split_seed", "num_folds", "fold", mode="before")(whole_number)
+    _paths = field_validator("root", "val_root")(_no_nul)
+
+    @field_validator("classes")
+    @classmethod
+    def _folder_names(cls, v: list[str] | None) -> list[str] | None:
+        # Each name is a sub-folder of root.
+        if v is None:
+            return v
+        if len(v) > MAX_CLASSES:
+            raise ValueError(f"at most {MAX_CLASSES} classes, got {len(v)}")
+        bad = [c for c in v if not c or c in {".", ".."} or "/" in c or "\x00" in c]
+        if bad:
+            raise ValueError(f"class names must be folder names (not empty, '.', '..', no '/' or NUL): {bad[:5]}")
+        repeated = sorted(c for c, n in Counter(v).items() if n > 1)
+        if repeated:
+            raise ValueError(f"class names repeat: {repeated[:5]}")
+        return v
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DatasetConfig:
@@ -172,6 +352,7 @@ class DatasetConfig(StrictModel):
             raise ValueError("num_folds and val_root exclude each other")
         return self
 
+
 class TrainConfig(StrictModel):
     """Optimisation and loop settings for `tlkit.FineTuner`.
 
@@ -180,26 +361,29 @@ class TrainConfig(StrictModel):
     biases and normalisation parameters.
     """
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(
-        32, ge=1, description="Images per optimizer step in each process; the global batch is batch_size * world_size."
+        32, ge=1, le=MAX_BATCH,
+        description="Images per optimizer step in each process; the global batch is batch_size * world_size.",
     )
     eval_batch_size: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=MAX_BATCH,
         description="Images per forward pass in evaluate, predict and feature extraction. None: 16 on CPU "
         "(smaller batches stay in cache: MobileNetV2 bf16 predict ran at about 110 img/s at 16 against 70 "
         "at 64 on a 2-core EPYC), 64 on GPUs.",
     )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate of the head group.")
-    weight_decay: float = Field(0.01, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only.")
-    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length, epochs.")
+    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up length, epochs.")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
-    mixup_alpha: float = Field(0.0, ge=0.0, description="Mixup Beta(alpha, alpha) (Zhang et al. 2018); 0 = off.")
-    cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (Yun et al. 2019); 0 = off.")
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, le=100.0, description="Mixup Beta(alpha, alpha) (Zhang et al. 2018); 0 = off.")
+    cutmix_alpha: float = Field(
+        0.0, ge=0.0, le=100.0, description="CutMix Beta(alpha, alpha) (Yun et al. 2019); 0 = off.")
     mixup_prob: float = Field(1.0, ge=0.0, le=1.0, description="Share of batches mixed when mixup/cutmix is on.")
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none",
@@ -212,21 +396,23 @@ class TrainConfig(StrictModel):
         "validation, checkpoints and the model after fit use the average.",
     )
     unfreeze_warmup_epochs: float = Field(
-        0.0, ge=0.0,
+        0.0, ge=0.0, le=MAX_EPOCHS,
         description="Parameters that join at a phase boundary ramp their LR linearly from 0 over this many epochs "
         "(Adam's first steps on newly unfrozen weights are as large as the LR itself).",
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many epochs without a better best_metric (counted from the last phase boundary)."
+        None, ge=1, le=MAX_EPOCHS,
+        description="Stop after this many epochs without a better best_metric (counted from the last phase boundary).",
     )
     best_metric: Literal["top1", "macro_f1", "val_loss"] = "top1"
-    seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of every RNG, 0 <= seed < 2**32 (numpy's range).")
+    device: str = Field("auto", description=f"One of {DEVICE_FORMS}.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 autocast on CPUs with native bf16 and on CUDA, else fp32."
     )
     channels_last: bool | None = Field(None, description="None: on for convolutional models.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes, at most {MAX_WORKERS}.")
     jpeg_draft: bool = Field(
         True,
         description="Eval, feature extraction and predict: decode JPEGs at 1/2, 1/4 or 1/8 scale "
@@ -244,7 +430,8 @@ class TrainConfig(StrictModel):
         "pooled features once and train the classifier from them.",
     )
     feature_views: int = Field(
-        0, ge=0, description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K)."
+        0, ge=0, le=MAX_FEATURE_VIEWS,
+        description="Cached inputs: 0 = the eval transform; K = K augmented views (epoch e uses view e % K).",
     )
     feature_cache_dir: Path | None = Field(None, description="Also keep cached features on disk here.")
     loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
@@ -266,6 +453,23 @@ class TrainConfig(StrictModel):
         "parameters never need it: tlkit rewraps DDP at each phase boundary.",
     )
 
+    _whole = field_validator(
+        "epochs", "batch_size", "eval_batch_size", "early_stopping_patience", "seed", "num_workers", "feature_views",
+        mode="before",
+    )(whole_number)
+    _device = field_validator("device")(check_device)
+    _paths = field_validator("feature_cache_dir")(_no_nul)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _usable_weights(cls, v: str | list[float]) -> str | list[float]:
+        if isinstance(v, list):
+            if not 1 <= len(v) <= MAX_CLASSES:
+                raise ValueError(f"class_weights needs 1 to {MAX_CLASSES} values, got {len(v)}")
+            if min(v) < 0 or max(v) == 0:
+                raise ValueError("class_weights must be >= 0 with at least one > 0")
+        return v
+
     @model_validator(mode="after")
     def _mixup_needs_even_batches(self) -> TrainConfig:
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
@@ -281,6 +485,166 @@ class TrainConfig(StrictModel):
         return self
 
 
+# Reading config text that may come from anyone. A config is a few hundred YAML nodes (a
+# 22k-class list is ~22k); the limits only stop alias bombs ("billion laughs") and stack-deep
+# nesting before they reach pydantic or ``to_file``.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_MAX_NODES = 200_000
+_MAX_DEPTH = 32
+# The YAML types JSON also has (plus merge keys): dates, sets and binary are no config values.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge")}
+
+
+def _at(mark: yaml.Mark | None) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
+def _check_yaml_node(node: yaml.Node, source: str) -> None:
+    """Refuse a non-plain tag or a repeated key in one node (``source`` starts the message).
+
+    Raises:
+        ConfigError: naming the line and column.
+    """
+    if node.tag not in _PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ConfigError(f"{source}: {_at(node.start_mark)}unsupported YAML tag or type {tag!r}: configs hold strings, "
+                          "numbers, booleans, null, lists and mappings only (quote a value to make it a string)")
+    if isinstance(node, yaml.MappingNode):
+        # safe_load keeps the last of repeated keys silently: "epochs: 3 ... epochs: 30" would train 30.
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{source}: {_at(key.start_mark)}key {key.value!r} repeats "
+                                      f"(first at line {seen[key.tag, key.value].line + 1})")
+                seen[key.tag, key.value] = key.start_mark
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_yaml_tree(root: yaml.Node, source: str) -> None:
+    """Check every node, and the tree's size with aliases expanded, without expanding it.
+
+    Raises:
+        ConfigError: a bad node, a recursive alias, more than 200,000 nodes once aliases are
+            expanded, or nesting deeper than 32 levels.
+    """
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+    open_ids: set[int] = set()  # the current path from the root: an alias back to it is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order walk: a deep document must not exhaust Python's stack
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_ids.discard(key)
+            subs = [done[id(c)] for c in _yaml_children(node)]
+            size, height = 1 + sum(s for s, _ in subs), 1 + max((h for _, h in subs), default=0)
+            if size > _MAX_NODES or height > _MAX_DEPTH:
+                what = (f"more than {_MAX_NODES} values (with aliases expanded)" if size > _MAX_NODES
+                        else f"nested deeper than {_MAX_DEPTH} levels")
+                raise ConfigError(f"{source}: {_at(node.start_mark)}{what}")
+            done[key] = (size, height)
+        elif key in open_ids:
+            raise ConfigError(f"{source}: {_at(node.start_mark)}recursive alias (a value that contains itself)")
+        elif key not in done:
+            _check_yaml_node(node, source)
+            open_ids.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _yaml_children(node))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text``, after checking its node tree; every failure one `ConfigError`.
+
+    Args:
+        text: the YAML document.
+        source: what starts each error message: the file path, or the ``--set`` item.
+
+    Raises:
+        ConfigError: a syntax error, an unsupported tag (``!!python/object``, ``!foo``, dates),
+            a repeated key, a recursive alias, more than 200,000 values with aliases expanded,
+            or nesting deeper than 32 levels; the message names line and column.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_yaml_tree(root, source)
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        where = _at(e.problem_mark or e.context_mark)
+        context = f" ({e.context} at {_at(e.context_mark)[:-2]})" if e.context and e.context_mark else ""
+        raise ConfigError(f"{source}: {where}{e.problem or e.context}{context}") from None
+    except yaml.reader.ReaderError as e:  # a control character: marked by offset only
+        before = text[: e.position]
+        line, column = before.count("\n") + 1, e.position - (before.rfind("\n") + 1) + 1
+        raise ConfigError(f"{source}: line {line}, column {column}: control character U+{e.character:04X} "
+                          "is not allowed in YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a constructor's own check, e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:  # the composer recurses once per nesting level
+        raise ConfigError(f"{source}: nested deeper than {_MAX_DEPTH} levels") from None
+
+
+def _parse_json(text: str, source: str) -> Any:
+    """``json.loads`` with repeated keys refused; every failure one `ConfigError`."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):  # json.loads would keep the last value silently
+            key = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+            raise ConfigError(f"{source}: key {key!r} repeats")
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. an integer with more than 4300 digits
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, UTF-8 (a leading byte-order mark is dropped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: a directory, unreadable, over `MAX_CONFIG_BYTES`, or not UTF-8 (names the
+            line and column of the first bad byte).
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = raw[: e.start]
+        line, column = before.count(b"\n") + 1, e.start - (before.rfind(b"\n") + 1) + 1
+        raise ConfigError(f"{path}: line {line}, column {column}: not UTF-8 text "
+                          f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
 class RunConfig(StrictModel):
     """Everything one training run needs; what ``tlkit train --config run.yaml`` reads."""
 
@@ -291,27 +655,33 @@ class RunConfig(StrictModel):
     data: DatasetConfig = Field(default_factory=DatasetConfig)
     output_dir: Path = Path("runs/latest")
 
+    _paths = field_validator("output_dir")(_no_nul)
+
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
-        """Read a YAML (``.yaml``/``.yml``) or JSON file.
+        """Read a YAML (``.yaml``/``.yml``) or JSON file (UTF-8, at most 4 MiB).
+
+        YAML is read with ``yaml.safe_load``, after a check of the node tree that refuses tags
+        other than plain YAML's, repeated keys and alias bombs.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: the file is not a mapping, or the suffix is unknown.
+            ConfigError: (a ``ValueError``) the message starts with ``path``: an unknown suffix, a
+                directory, not UTF-8, a YAML or JSON syntax error (with line and column), an
+                unsupported YAML tag such as ``!!python/object``, a repeated key, or a top level
+                that is not a mapping.
             pydantic.ValidationError: a value is out of range or a key is unknown (names the field).
         """
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in {".yaml", ".yml"}:
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"{path}: config must be .yaml, .yml or .json, got {path.suffix!r}")
+        suffix = path.suffix.lower()
+        if suffix not in {".yaml", ".yml", ".json"}:
+            raise ConfigError(f"{path}: config must be .yaml, .yml or .json, got {path.suffix!r}")
+        text = _read_config_text(path)
+        data = _parse_json(text, str(path)) if suffix == ".json" else parse_yaml(text, str(path))
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: config must be a mapping at the top level, got {type(data).__name__}")
+            raise ConfigError(f"{path}: config must be a mapping at the top level, got {type(data).__name__}")
         return cls.model_validate(data)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> RunConfig:
@@ -320,8 +690,10 @@ class RunConfig(StrictModel):
         Example: ``cfg.with_overrides(["train.epochs=5", "data.augment.auto_augment=trivialaugment"])``.
 
         Raises:
-            ValueError: an item without ``=``; pydantic ``ValidationError`` (a ``ValueError``)
-                for an unknown key or a bad value, naming the field.
+            ValueError: an item without ``=``, or a path through a value that is not a section;
+                `ConfigError` for a value that is not plain YAML (as in `from_file`); pydantic
+                ``ValidationError`` (a ``ValueError``) for an unknown key or a bad value, naming
+                the field.
         """
         data = self.model_dump(mode="json")
         for item in overrides:
@@ -334,7 +706,7 @@ class RunConfig(StrictModel):
                 node = node.setdefault(k, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"override {item!r}: {k!r} is not a section")
-            node[last] = yaml.safe_load(value)
+            node[last] = parse_yaml(value, f"override {item!r}")
         return type(self).model_validate(data)
 
     def to_file(self, path: str | Path) -> Path:

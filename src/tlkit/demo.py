@@ -9,14 +9,28 @@ Python::
 The page classifies the uploaded file itself with `FineTuner.predict`, so it gives the same
 answer as ``tlkit predict`` on that file: same eval transform, same decode limits, same
 test-time augmentation.
+
+The page is meant to be shown to strangers, so it keeps nothing: an upload larger than
+``max_upload_bytes`` (default 20 MiB) is refused by Gradio before it is stored and by tlkit
+before it is decoded; each upload is deleted once classified, and whatever else Gradio caches
+for the page (previews, uploads never classified) is deleted after `CACHE_SECONDS` and when the
+server stops. Error messages name the upload by its base name, never by its path on the server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlkit.images import BadImageError
+from tlkit._text import markdown_text
+from tlkit.images import BadImageError, load_image
 from tlkit.tta import check_tta_mode
 
 if TYPE_CHECKING:  # gradio is an optional extra
@@ -24,7 +38,15 @@ if TYPE_CHECKING:  # gradio is an optional extra
 
     from tlkit.finetuner import FineTuner
 
-__all__ = ["build_demo", "launch_demo"]
+__all__ = ["build_demo", "launch_demo", "DEFAULT_MAX_UPLOAD_BYTES", "CACHE_SECONDS"]
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20  # a phone photo is 2-12 MB
+# Gradio's cache (previews, uploads that were never classified) is swept every minute for files
+# older than this, and emptied when the server stops.
+CACHE_SECONDS = 300
+_PREVIEW_SIDE = 640  # pixels: the preview is a downscaled copy, not the uploaded file
+# An upload's base name is shown in messages only if it is plain: the page renders messages.
+_PLAIN_NAME = re.compile(r"[\w\-. ()]{1,100}")
 
 
 def _import_gradio():
@@ -38,73 +60,174 @@ def _import_gradio():
 
 
 def _describe(tuner: FineTuner) -> str:
-    lines = [f"**Backbone:** `{tuner.backbone.name}` · **classes:** {', '.join(tuner.classes)}"]
+    # Class names come from folder names or a stranger's checkpoint: shown as text, never as markup.
+    classes = ", ".join(markdown_text(c) for c in tuner.classes)
+    lines = [f"**Backbone:** {markdown_text(tuner.backbone.name)} · **classes:** {classes}"]
     metrics = (tuner.checkpoint_metadata or {}).get("metrics") or {}
     shown = {k: metrics[k] for k in ("top1", "macro_f1") if isinstance(metrics.get(k), (int, float))}
     if shown:
         epoch = metrics.get("epoch")
-        lines.append("**Validation** " + (f"(epoch {epoch}) " if epoch is not None else "")
+        lines.append("**Validation** " + (f"(epoch {markdown_text(str(epoch))}) " if epoch is not None else "")
                      + ", ".join(f"{k}: {v:.3f}" for k, v in shown.items()))
     return "  \n".join(lines)
 
 
-def build_demo(tuner: FineTuner, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo") -> gradio.Blocks:
+def _size(n: float) -> str:
+    """Bytes for people: ``"20 MiB"``, ``"29.3 KiB"``."""
+    value, unit = (n / 2**20, "MiB") if n >= 2**20 else (n / 2**10, "KiB")
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def _upload_folder() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def _shown_name(name: str) -> str:
+    # The visitor's own file name, if it is plain text (Gradio renders error messages).
+    name = Path(name).name
+    return name if _PLAIN_NAME.fullmatch(name) else "the uploaded file"
+
+
+def _public_message(message: str, path: str, name: str) -> str:
+    """``message`` with every server path replaced by ``name`` or "the uploaded file"."""
+    for form in sorted({path, str(Path(path).resolve())}, key=len, reverse=True):
+        message = message.replace(form, name)
+    return re.sub(re.escape(str(_upload_folder())) + r"[^\s:'\"]*", "the uploaded file", message)
+
+
+def _delete_upload(path: str) -> None:
+    """Delete an upload (and its folder, if now empty); only inside Gradio's upload folder."""
+    file = Path(path).resolve()
+    if _upload_folder() not in file.parents:
+        return  # not an upload: a caller's own file is never deleted
+    file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        file.parent.rmdir()
+
+
+def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes: int, error: type[Exception]):
+    """Preview and class probabilities of the upload at ``path``, called ``name`` in messages.
+
+    Raises:
+        error: (``gradio.Error``, shown on the page) the upload is gone, over ``max_bytes``, or
+            cannot be decoded; the message names the upload by its base name only.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise error(f"{name}: no longer on the server (uploads are deleted once classified); upload it again") from None
+    if size > max_bytes:  # before decoding: Gradio's own limit is not set when the page is embedded elsewhere
+        raise error(f"{name}: {_size(size)} is over this demo's upload limit of {_size(max_bytes)}")
+    try:
+        prediction = tuner.predict(path, tta=tta, max_bytes=max_bytes)[0]
+        preview = load_image(path, max_bytes=max_bytes, draft_size=_PREVIEW_SIDE)
+    except BadImageError as e:
+        raise error(_public_message(str(e), path, name)) from None
+    preview.thumbnail((_PREVIEW_SIDE, _PREVIEW_SIDE))
+    return preview, prediction.probabilities
+
+
+def build_demo(
+    tuner: FineTuner, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo",
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+) -> gradio.Blocks:
     """Build the Gradio page for a trained model (not yet served).
 
     The page has a photo upload, a preview, a "Classify" button and a label showing the
     ``top_k`` most probable classes with their softmax probabilities. Uploading a photo
-    classifies it at once. An unreadable or oversized file shows the `BadImageError` message,
-    which names the file, on the page.
+    classifies it at once, then deletes the uploaded file. An unreadable or oversized file
+    shows the `BadImageError` message on the page, naming the file by its base name only.
+    Class names on the page are shown as text (never as Markdown or HTML).
 
     Args:
         tuner: the model, e.g. ``FineTuner.load(run_folder)``.
         top_k: classes shown, at most the number of classes.
         tta: test-time augmentation passed to `FineTuner.predict`.
         title: the page title.
+        max_upload_bytes: larger uploads are refused before they are decoded. `launch_demo`
+            also hands it to Gradio (``max_file_size``), which refuses them before storing them.
 
     Returns:
         A ``gradio.Blocks``; serve it with ``.launch()`` or `launch_demo`. Its API endpoint
-        ``/classify`` takes one image file and returns the file and
+        ``/classify`` takes one image file and returns a preview (a downscaled copy, at most
+        640 pixels a side) and
         ``{"label": ..., "confidences": [{"label": ..., "confidence": ...}, ...]}``.
 
     Raises:
         ImportError: Gradio is not installed.
-        ValueError: ``top_k`` < 1 or an unknown ``tta`` mode.
+        ValueError: ``top_k`` < 1, ``max_upload_bytes`` < 1 or an unknown ``tta`` mode.
     """
     gr = _import_gradio()
     check_tta_mode(tta)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    top_k = min(top_k, len(tuner.classes))
-
-    def classify(path: str | None) -> tuple[str | None, dict[str, float] | None]:
-        if path is None:
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    def classify(upload: dict[str, Any] | str | None):
+        # Called with Gradio's file payload ({"path", "orig_name", ...}, see _layout).
+        path = upload if isinstance(upload, str) else (upload or {}).get("path")
+        if not path:
             return None, None
+        name = _shown_name((upload.get("orig_name") if isinstance(upload, dict) else None) or path)
         try:
-            prediction = tuner.predict(path, tta=tta)[0]
-        except BadImageError as e:
-            raise gr.Error(str(e)) from e
-        return path, prediction.probabilities
+            return _classify_upload(tuner, path, name, tta, max_upload_bytes, gr.Error)
+        finally:
+            _delete_upload(path)
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {title}\n{_describe(tuner)}")
+    return _layout(gr, tuner, classify, title=title, top_k=min(top_k, len(tuner.classes)),
+                   max_upload_bytes=max_upload_bytes)
+
+
+def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_upload_bytes: int) -> gradio.Blocks:
+    """The page's components and events around ``classify``."""
+    # delete_cache: Gradio sweeps its cache every 60 s for this page's files older than
+    # CACHE_SECONDS, and deletes them all when the server stops.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, CACHE_SECONDS)) as demo:
+        gr.Markdown(f"# {markdown_text(title)}\n{_describe(tuner)}")
         with gr.Row():
             with gr.Column():
                 # A file input, not gr.Image: Gradio would decode the upload itself first, and a
                 # broken photo would fail there without tlkit's message naming the file.
-                upload = gr.File(label="Photo", file_types=["image"], type="filepath")
+                upload = gr.File(label=f"Photo (at most {_size(max_upload_bytes)})", file_types=["image"],
+                                 type="filepath")
                 preview = gr.Image(label="Uploaded photo", interactive=False, height=320)
             label = gr.Label(num_top_classes=top_k, label="Prediction")
         button = gr.Button("Classify", variant="primary")
-        button.click(classify, upload, [preview, label], api_name="classify")
-        upload.upload(classify, upload, [preview, label], api_name=False)
+        # preprocess=False: classify gets the payload with the upload's path. gr.File's own
+        # preprocessing would leave one empty temporary file in Gradio's cache per request.
+        # Gradio still checks that the path is an upload of this server.
+        button.click(classify, upload, [preview, label], api_name="classify", preprocess=False)
+        upload.upload(classify, upload, [preview, label], api_name=False, preprocess=False)
         upload.clear(lambda: (None, None), None, [preview, label], api_name=False)
     return demo
 
 
+@contextlib.contextmanager
+def private_upload_folder() -> Iterator[Path | None]:
+    """Point Gradio's upload cache (``GRADIO_TEMP_DIR``) at a fresh folder; remove it on exit.
+
+    Gradio's default cache, ``<tmp>/gradio``, is shared by every Gradio app of the machine and
+    outlives the server; a private one can be removed whole. A ``GRADIO_TEMP_DIR`` the user set
+    is kept (and yields ``None``). The variable is process-wide, so this is for a process that
+    serves one demo, as ``tlkit demo`` does.
+    """
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="tlkit-demo-")  # mode 0700: other local users cannot read uploads
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    try:
+        yield Path(folder)
+    finally:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def launch_demo(
     tuner: FineTuner, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = 3, tta: str = "none",
-    block: bool = True, **launch_kwargs: Any,
+    block: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, **launch_kwargs: Any,
 ) -> gradio.Blocks:
     """Serve `build_demo` on ``http://host:port`` (Gradio picks a free port from 7860 if ``port`` is None).
 
@@ -114,12 +237,23 @@ def launch_demo(
         port: TCP port.
         top_k: classes shown.
         tta: test-time augmentation mode.
-        block: wait until interrupted (the CLI); ``False`` returns once the server is up.
+        block: wait until interrupted (the CLI), with uploads in a private temporary folder
+            removed when the server stops (`private_upload_folder`); ``False`` returns once the
+            server is up.
+        max_upload_bytes: largest accepted upload, bytes; Gradio refuses larger ones with HTTP 413
+            before storing them (its ``max_file_size``) and tlkit checks again before decoding.
         **launch_kwargs: passed to ``gradio.Blocks.launch`` (e.g. ``share=True``, which needs network).
 
     Returns:
         The running ``gradio.Blocks``; its ``local_url`` is the page, ``close()`` stops it.
+
+    Raises:
+        ImportError: Gradio is not installed.
+        ValueError: as `build_demo`.
     """
-    demo = build_demo(tuner, top_k=top_k, tta=tta)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **launch_kwargs)
+    demo = build_demo(tuner, top_k=top_k, tta=tta, max_upload_bytes=max_upload_bytes)
+    if "max_file_size" in inspect.signature(demo.launch).parameters:  # where the installed Gradio has it
+        launch_kwargs.setdefault("max_file_size", max_upload_bytes)
+    with private_upload_folder() if block else contextlib.nullcontext():
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **launch_kwargs)
     return demo
