@@ -437,7 +437,8 @@ class TrainConfig(StrictModel):
     loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
         default_factory=list,
         description="Built-in logger callbacks (tlkit.loggers): 'csv' writes OUTPUT_DIR/metrics.csv, 'tensorboard' "
-        "OUTPUT_DIR/tensorboard/ (needs tensorboard), 'mlflow' a local file store OUTPUT_DIR/mlruns (tlkit[mlflow]).",
+        "OUTPUT_DIR/tensorboard/ (tlkit[tensorboard]), 'mlflow' a run in the local store "
+        "sqlite:///OUTPUT_DIR/mlflow.db or in MLFLOW_TRACKING_URI (tlkit[mlflow]).",
     )
     distributed: Literal["auto", "off"] = Field(
         "auto",
