@@ -2,7 +2,7 @@
 
 Each logger writes on the main process only (rank 0 under torchrun) and ends a crash and a
 resume with exactly one entry per completed epoch, even when the kill came after an epoch was
-logged but before its resume state was written (the epoch is then trained and logged again):
+logged but before its resume state was written (resume then trains that epoch again):
 
 * `CSVLogger` rewrites ``metrics.csv`` from ``FineTuner.history`` at every epoch.
 * `TensorBoardLogger` reopens its folder with ``purge_step``: TensorBoard hides what the killed
@@ -137,7 +137,9 @@ class TensorBoardLogger(Callback):
     with ``purge_step = tuner.step + 1``: TensorBoard then hides every older event at a later
     step, what a killed run logged after its last saved epoch, and keeps the saved epoch's own
     scalars (they sit at ``tuner.step``). Events are flushed at each epoch end, before the
-    resume state is written, and the writer is closed at the end of fit.
+    resume state is written, and the writer is closed at the end of fit. Give each run its own
+    folder (TensorBoard reads one folder as one run); epochs trained before the logger was added
+    to a run are not written, as their step counts are not recorded.
 
     Args:
         log_dir: the event folder; default ``OUTPUT_DIR/tensorboard``.
