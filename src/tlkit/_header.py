@@ -185,6 +185,12 @@ class CheckpointHeader(_Schema):
     metrics: dict[Annotated[str, Field(max_length=MAX_NAME_LENGTH)], JsonValue] = Field(
         default_factory=dict, max_length=MAX_METRICS)
 
+    @field_validator("train_config", mode="before")
+    @classmethod
+    def _drop_resources(cls, v: Any) -> Any:
+        # Never used from a file (see RUNTIME_FIELDS), so never a reason to refuse one either.
+        return {k: x for k, x in v.items() if k not in RUNTIME_FIELDS} if isinstance(v, dict) else v
+
     @field_validator("classes")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:

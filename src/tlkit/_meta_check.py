@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tlkit._header import CheckpointHeader
+from tlkit._training.state import check_tensors_match
 from tlkit.backbone import create_backbone
 from tlkit.checkpoint import CheckpointError
 from tlkit.head import HeadReplacer
@@ -59,15 +60,7 @@ def check_header_fits_weights(header: CheckpointHeader, state: dict[str, torch.T
     path = Path(path)
     model = _build_on_meta(header, path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatches (file vs model) {shapes[:3]}"
-        )
+    check_tensors_match(own, state, path)
     # Buffers registered with persistent=False (attention masks, position tables) are built
     # from the kwargs, not read from the file: bound them by the file too.
     extra = sum(b.numel() for name, b in model.named_buffers() if name not in own)

@@ -179,6 +179,16 @@ def load_weights_checked(model: nn.Module, state: dict[str, torch.Tensor], path:
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)} if skip_prefixes \
         else model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)} if skip_prefixes else state
+    check_tensors_match(own, state, path)
+    model.load_state_dict(state, strict=not skip_prefixes)
+
+
+def check_tensors_match(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse ``state`` unless it has exactly the names and shapes of ``own`` (a model's state_dict).
+
+    Raises:
+        CheckpointError: names the first missing, unexpected and reshaped tensors and the file.
+    """
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
@@ -188,7 +198,6 @@ def load_weights_checked(model: nn.Module, state: dict[str, torch.Tensor], path:
             f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"shape mismatches (file vs model) {shapes[:3]}"
         )
-    model.load_state_dict(state, strict=not skip_prefixes)
 
 
 def _renumber_old(state: dict[str, Any]) -> None:
