@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +132,18 @@ def test_cli_train_under_torchrun_prints_and_writes_once(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tlkit", "train", "--config", str(tmp_path / "run.yaml")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tlkit", "train", "--config", str(tmp_path / "run.yaml")]
+    # Own process group: a hang is killed whole (torchrun's workers included), not left running.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"tlkit train under torchrun hung: {err[-3000:]}")
+    proc.stdout, proc.stderr = out, err
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1  # rank 0 alone prints the final metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlkit._training.signals import interrupt_on_signals
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
 
 __all__ = ["run_lock", "run_guard"]
+
+_guarded: set[str] = set()  # run folders this process is inside a run_lock block for, on every rank
 
 
 @contextlib.contextmanager
@@ -30,7 +33,11 @@ def run_lock(tuner: FineTuner) -> Iterator[RunLock | None]:
         OutputDirError: the folder cannot be created or written (one line, before any training).
     """
     out = tuner.output_dir
-    if out is None or held_lock(out) is not None:
+    key = str(Path(out).resolve()) if out is not None else None
+    # Nested guards (tlkit train guards before writing config.yaml, then fit guards again) are
+    # decided the same way on every rank: only rank 0 holds the lock, so held_lock() alone would
+    # send the other ranks into a broadcast rank 0 never makes.
+    if key is None or key in _guarded:
         yield held_lock(out) if out is not None else None
         return
     lock, error = RunLock(out), None
@@ -45,9 +52,11 @@ def run_lock(tuner: FineTuner) -> Iterator[RunLock | None]:
             error = RunLockedError(message, out)
     if error is not None:
         raise error
+    _guarded.add(key)
     try:
         yield lock
     finally:
+        _guarded.discard(key)
         if lock.locked:
             lock.release()
 
