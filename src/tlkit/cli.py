@@ -322,6 +322,43 @@ def _offline_weights(name: str) -> str:
     return ""
 
 
+def _rank_candidates(args: argparse.Namespace) -> list:
+    """BackboneConfigs from ``--backbones FILE`` (a YAML/JSON list) and ``--backbone NAME[=WEIGHTS]``."""
+    import yaml
+
+    from tlkit.config import BackboneConfig
+
+    specs: list = []
+    if args.backbones:
+        loaded = yaml.safe_load(args.backbones.read_text(encoding="utf-8"))
+        if not isinstance(loaded, list):
+            raise ValueError(f"{args.backbones}: must hold a list of backbone configs (name, weights, ...)")
+        specs += [BackboneConfig.model_validate(x) for x in loaded]
+    for text in args.backbone or []:
+        name, sep, weights = text.partition("=")
+        specs.append(BackboneConfig(name=name, weights=weights or None, pretrained=True))
+    if not specs:
+        raise ValueError("name at least one backbone: --backbone NAME[=WEIGHTS] or --backbones FILE")
+    return specs
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from tlkit.data import ImageFolderDataset
+    from tlkit.transferability import rank_backbones
+
+    candidates = _rank_candidates(args)
+    data = ImageFolderDataset(args.data)
+    results = rank_backbones(data, candidates, batch_size=args.batch_size, device=args.device)
+    if args.format == "json":
+        for r in results:
+            print(json.dumps(r.to_dict()))
+        return 0
+    print(f"{'rank':<5}{'backbone':<28}{'weights':<34}{'LogME':>8}{'probe top-1':>13}{'s':>7}")
+    for i, r in enumerate(results, 1):
+        print(f"{i:<5}{r.name:<28}{r.weights[:33]:<34}{r.logme:>8.3f}{r.probe_top1:>13.1%}{r.seconds:>7.1f}")
+    return 0
+
+
 def _cmd_backbones(args: argparse.Namespace) -> int:
     import timm
 
@@ -402,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=0, help="which phase of the freeze policy to test")
     p.add_argument("--plot", type=Path, help="save the loss-against-LR plot here (PNG)")
     p.set_defaults(func=_cmd_lr_find)
+
+    p = sub.add_parser("rank", help="rank backbones for a dataset from frozen features (LogME, linear-probe top-1)")
+    p.add_argument("--data", required=True, type=Path, help="folder with one sub-folder per class")
+    p.add_argument("--backbone", action="append", metavar="NAME[=WEIGHTS]",
+                   help="a timm name, with a local weights file after '=' (else hub weights); repeat it")
+    p.add_argument("--backbones", type=Path, help="YAML/JSON list of backbone configs (name, weights, model_kwargs, data_config)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_cmd_rank)
 
     p = sub.add_parser("backbones", help="list timm model names, and where weights are available offline")
     p.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'mobilenet*'")
