@@ -39,12 +39,27 @@ def offline_backbones() -> list[BackboneConfig]:
     return out
 
 
+def _ranks(v: list[float]) -> list[float]:
+    order = sorted(range(len(v)), key=v.__getitem__)
+    r = [0.0] * len(v)
+    i = 0
+    while i < len(v):  # ties share their average rank
+        j = i
+        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
 def spearman(a: list[float], b: list[float]) -> float:
-    ra = {v: i for i, v in enumerate(sorted(a))}
-    rb = {v: i for i, v in enumerate(sorted(b))}
-    n = len(a)
-    d2 = sum((ra[x] - rb[y]) ** 2 for x, y in zip(a, b))
-    return 1 - 6 * d2 / (n * (n * n - 1)) if n > 1 else float("nan")
+    """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
 
 
 def main() -> None:
