@@ -16,8 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from tlkit.config import BackboneConfig
+    from tlkit.data import ImageFolderDataset
 
 __all__ = ["RankResult", "logme", "probe_accuracy", "rank_backbones"]
 
@@ -133,7 +139,7 @@ class RankResult:
         return asdict(self)
 
 
-def _features(backbone, data, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _features(backbone: BackboneConfig, data: ImageFolderDataset, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     from tlkit.backbone import create_backbone, resolve_data_config
     from tlkit.data import create_transforms, eval_resize_size
     from tlkit.features import extract_features
@@ -154,7 +160,7 @@ def _features(backbone, data, batch_size: int, device: str) -> tuple[torch.Tenso
     return f, y, source
 
 
-def rank_backbones(data, backbones: Sequence, *, batch_size: int = 16, device: str = "auto") -> list[RankResult]:
+def rank_backbones(data: ImageFolderDataset, backbones: Sequence[BackboneConfig], *, batch_size: int = 16, device: str = "auto") -> list[RankResult]:
     """Score each backbone on ``data`` from its frozen pooled features, best LogME first.
 
     Args:
