@@ -23,6 +23,14 @@ def copy_sample(dst: Path, classes=("cardboard", "glass", "metal"), per_class=4,
     return dst
 
 
+def photo_split(root: Path, classes) -> tuple:
+    """(train, val) ImageFolderDatasets: 4 real photos per class to train on, 2 others to validate."""
+    from tlkit import ImageFolderDataset
+
+    return (ImageFolderDataset(copy_sample(root / "train", classes, 4)),
+            ImageFolderDataset(copy_sample(root / "val", classes, 2, offset=10)))
+
+
 @pytest.fixture
 def image_root(tmp_path) -> Path:
     return copy_sample(tmp_path / "images")

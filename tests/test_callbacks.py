@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import copy_sample, tiny_tuner
-from tlkit import FreezePolicy, ImageFolderDataset
+from conftest import photo_split, tiny_tuner
+from tlkit import FreezePolicy
 from tlkit.callbacks import HOOKS, Callback, CallbackList, EarlyStopping
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -13,9 +13,7 @@ CLASSES = ["cardboard", "glass", "metal"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cb")
-    return (ImageFolderDataset(copy_sample(root / "train", CLASSES, 4)),
-            ImageFolderDataset(copy_sample(root / "val", CLASSES, 2, offset=10)))
+    return photo_split(tmp_path_factory.mktemp("cb"), CLASSES)
 
 
 class Recorder(Callback):

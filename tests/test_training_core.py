@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SMALL, copy_sample, tiny_tuner
-from tlkit import FineTuner, ImageFolderDataset, RunConfig
+from conftest import photo_split, tiny_tuner
+from tlkit import FineTuner, RunConfig
 from tlkit._training.runtime import Runtime
 from tlkit.callbacks import Callback
 from tlkit._training.state import assert_finite
@@ -19,9 +19,7 @@ CLASSES = ["cardboard", "glass", "metal"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("core")
-    return (ImageFolderDataset(copy_sample(root / "train", CLASSES, 4)),
-            ImageFolderDataset(copy_sample(root / "val", CLASSES, 2, offset=10)))
+    return photo_split(tmp_path_factory.mktemp("core"), CLASSES)
 
 
 def _step(model, scaler=None):

@@ -39,12 +39,24 @@ if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
     from tlkit.metrics import ClassificationMetrics
 
-__all__ = ["HOOKS", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport"]
+__all__ = ["HOOKS", "improves", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport"]
 
 HOOKS = ("on_fit_start", "on_epoch_start", "on_phase_start", "on_train_batch_end", "on_validation_end",
          "on_epoch_end", "on_checkpoint_saved", "on_fit_end")
 
 _LOWER_IS_BETTER = {"val_loss", "train_loss"}
+
+
+def improves(metric: str, value: float, best: float | None, mode: str | None = None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (``None``: nothing to beat yet).
+
+    ``mode`` ``"min"`` / ``"max"``, or ``None`` for lower-is-better on losses and higher otherwise;
+    the one rule for the best checkpoint and for `EarlyStopping`.
+    """
+    if best is None:
+        return True
+    lower = mode == "min" or (mode is None and metric in _LOWER_IS_BETTER)
+    return value < best if lower else value > best
 
 
 class Callback:
@@ -197,15 +209,9 @@ class EarlyStopping(Callback):
             for r in tuner.history:
                 self._observe(r)
 
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        lower = self.mode == "min" or (self.mode is None and self.monitor in _LOWER_IS_BETTER)
-        return value < self.best if lower else value > self.best
-
     def _observe(self, record: dict[str, Any]) -> None:
         value = record.get(self.monitor)
-        if value is not None and math.isfinite(value) and self._better(value):
+        if value is not None and math.isfinite(value) and improves(self.monitor, value, self.best, self.mode):
             self.best, self.best_epoch = float(value), int(record["epoch"])
 
     def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:

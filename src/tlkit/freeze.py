@@ -17,7 +17,6 @@ integer depth means the same thing on every family (fastai's ``freeze_to`` seman
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from tlkit._introspect import batchnorm_modules, classifier_param_names
 from tlkit._strict import StrictModel
-from tlkit.schedule import cosine_lr_factor
+from tlkit.schedule import cosine_lr_factor  # noqa: F401  (its old home; tlkit.schedule owns it)
 
 __all__ = [
     "Phase",

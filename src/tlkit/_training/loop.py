@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from tlkit._introspect import classifier_param_names
 from tlkit._training import state as run_state
 from tlkit._training.inference import evaluate_loader
-from tlkit._training.loaders import dataset_length, eval_loader, prepare_dataset, steps_per_epoch, train_loader
+from tlkit._training.loaders import eval_loader, prepare_dataset, steps_per_epoch, train_loader
 from tlkit._training.optim import build_criterion, class_weights, join_phase, new_optimizer, set_learning_rates
 from tlkit._training.rng import rng_state, seed_everything
 from tlkit._training.step import NonFiniteLossError, TrainStep
-from tlkit.callbacks import CallbackList
+from tlkit.callbacks import CallbackList, improves
 from tlkit.data import ImageFolderDataset
 from tlkit.distributed import all_gather_object, all_reduce_sum, barrier
 from tlkit.features import classifier_is_last_step
@@ -35,9 +35,6 @@ if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
 
 __all__ = ["FitLoop"]
-
-_LOWER_IS_BETTER = {"val_loss"}
-
 
 class FitLoop:
     """Trains ``tuner`` on ``train`` for ``tuner.config.epochs`` epochs (see `FineTuner.fit`)."""
@@ -219,12 +216,8 @@ class FitLoop:
 
     def _is_improvement(self, record: dict[str, Any]) -> bool:
         key = self.cfg.best_metric
-        value, best = record.get(key), self.tuner.best["metric"]
-        if value is None:
-            return False
-        if best is None:
-            return True
-        return value < best if key in _LOWER_IS_BETTER else value > best
+        value = record.get(key)
+        return value is not None and improves(key, value, self.tuner.best["metric"])
 
     def _end_epoch(self, record: dict[str, Any]) -> bool:
         """Record the epoch, run ``on_epoch_end``, write its files in crash-safe order; returns the stop decision."""
