@@ -376,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning on any timm backbone.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_run_commands(sub)
+    _add_checkpoint_commands(sub)
+    return parser
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that read a RunConfig or data folder: train, lr-find, rank, backbones."""
     p = sub.add_parser("train", help="train from a YAML/JSON RunConfig (also under torchrun: DDP, batch_size per process)")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
@@ -384,6 +391,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.state.pt")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
+    p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
+    p.add_argument("--recipe", help="apply a named recipe first")
+    p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE")
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--epoch", type=int, default=0, help="which phase of the freeze policy to test")
+    p.add_argument("--plot", type=Path, help="save the loss-against-LR plot here (PNG)")
+    p.set_defaults(func=_cmd_lr_find)
+
+    p = sub.add_parser("rank", help="rank backbones for a dataset from frozen features (LogME, linear-probe top-1)")
+    p.add_argument("--data", required=True, type=Path, help="folder with one sub-folder per class")
+    p.add_argument("--backbone", action="append", metavar="NAME[=WEIGHTS]",
+                   help="a timm name, with a local weights file after '=' (else hub weights); repeat it")
+    p.add_argument("--backbones", type=Path, help="YAML/JSON list of backbone configs (name, weights, model_kwargs, data_config)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("backbones", help="list timm model names, and where weights are available offline")
+    p.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'mobilenet*'")
+    p.add_argument("--pretrained", action="store_true", help="only names with pretrained weights (name.tag)")
+    p.add_argument("--offline", action="store_true", help="only models whose weights load without network")
+    p.set_defaults(func=_cmd_backbones)
+
+
+def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that read a checkpoint: evaluate, predict, export, demo."""
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on an image folder; prints one JSON object")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--data", required=True, help="folder with one sub-folder per class (names as in the checkpoint)")
@@ -428,34 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="refuse uploads larger than this many MiB (default 20); uploads are deleted once classified")
     p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
-    p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
-    p.add_argument("--recipe", help="apply a named recipe first")
-    p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE")
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--epoch", type=int, default=0, help="which phase of the freeze policy to test")
-    p.add_argument("--plot", type=Path, help="save the loss-against-LR plot here (PNG)")
-    p.set_defaults(func=_cmd_lr_find)
-
-    p = sub.add_parser("rank", help="rank backbones for a dataset from frozen features (LogME, linear-probe top-1)")
-    p.add_argument("--data", required=True, type=Path, help="folder with one sub-folder per class")
-    p.add_argument("--backbone", action="append", metavar="NAME[=WEIGHTS]",
-                   help="a timm name, with a local weights file after '=' (else hub weights); repeat it")
-    p.add_argument("--backbones", type=Path, help="YAML/JSON list of backbone configs (name, weights, model_kwargs, data_config)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--format", choices=["table", "json"], default="table")
-    p.set_defaults(func=_cmd_rank)
-
-    p = sub.add_parser("backbones", help="list timm model names, and where weights are available offline")
-    p.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'mobilenet*'")
-    p.add_argument("--pretrained", action="store_true", help="only names with pretrained weights (name.tag)")
-    p.add_argument("--offline", action="store_true", help="only models whose weights load without network")
-    p.set_defaults(func=_cmd_backbones)
-    return parser
 
 
 def _one_line(errors: list[dict]) -> str:
