@@ -88,3 +88,30 @@ def test_transforms_follow_the_data_config(image_root):
     torch.manual_seed(0)
     assert train_tf(image).shape == (3, 64, 64)
     assert not torch.equal(train_tf(image), train_tf(image))  # augmentation is random
+
+
+def test_os_metadata_folders_are_never_classes(image_root):
+    import shutil
+
+    mac = image_root / "__MACOSX" / "cardboard"
+    mac.mkdir(parents=True)
+    shutil.copy(next((image_root / "cardboard").iterdir()), mac / "._x.jpg")
+    for name in ("@eaDir", "$RECYCLE.BIN", ".ipynb_checkpoints", "_trash"):
+        (image_root / name).mkdir()
+        shutil.copy(next((image_root / "glass").iterdir()), image_root / name / "y.jpg")
+    ds = ImageFolderDataset(image_root)
+    assert ds.classes == ["cardboard", "glass", "metal"]
+    assert not [p for p, _ in ds.samples if "MACOSX" in str(p) or "@eaDir" in str(p)]
+    assert ds.ignored_folders == sorted(["$RECYCLE.BIN", ".ipynb_checkpoints", "@eaDir", "_trash", "__MACOSX"])
+
+
+def test_class_order_is_timms_natural_order(tmp_path):
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    for n in ["class10", "class2", "Class1", "class1b"]:
+        copy_sample(tmp_path / n, ("cardboard",), 1)
+        (tmp_path / n / "cardboard" / next((tmp_path / n / "cardboard").iterdir()).name).rename(tmp_path / n / "a.jpg")
+        (tmp_path / n / "cardboard").rmdir()
+    ours = ImageFolderDataset(tmp_path).classes
+    _, timm_classes = find_images_and_targets(str(tmp_path))
+    assert ours == sorted(timm_classes, key=timm_classes.get) == ["Class1", "class1b", "class2", "class10"]

@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from torch import nn
 
 from tlkit import FreezePolicy, HeadReplacer, Phase, cosine_lr_factor, parameter_groups
 from tlkit.freeze import batchnorm_modules
@@ -169,3 +170,61 @@ def test_cosine_schedule_values():
 def test_policy_roundtrips_through_json():
     p = FreezePolicy.linear_probe(batchnorm="frozen").then(2, depth=-4, layer_decay=0.5)
     assert FreezePolicy.model_validate_json(p.model_dump_json()) == p
+
+
+# -- stages with one meaning on every family (issue: registry coverage) -------------------------
+
+def _meta(name: str):
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False)
+
+
+def test_group_matcher_that_raises_falls_back_to_feature_info_stages():
+    from tlkit.freeze import parameter_groups
+
+    model = _meta("rdnet_tiny")  # its group_matcher(coarse=True) asserts
+    groups = parameter_groups(model)
+    assert len(groups) >= 5 and groups[-1].name == "head"
+    assert FreezePolicy.full_finetune().trainable_names(model) == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "swin_tiny_patch4_window7_224", "densenet121", "resnetv2_50"])
+def test_freeze_to_minus_two_trains_the_last_real_stage(name):
+    from tlkit.freeze import parameter_groups
+
+    model = _meta(name)
+    groups = parameter_groups(model)
+    last = groups[-2]
+    # a stage has matrices, not only a trailing norm's 1-d scales
+    params = dict(model.named_parameters())
+    assert any(params[n].ndim > 1 for n in last.param_names)
+    body = sum(p.numel() for n, p in params.items() if n not in groups[-1].param_names)
+    trained = sum(params[n].numel() for n in FreezePolicy.freeze_to(-2).trainable_names(model)
+                  if n not in groups[-1].param_names)
+    assert trained / body > 0.05, (name, last.name, trained / body)
+
+
+def test_model_without_group_matcher_gets_stages_from_feature_info():
+    from tlkit.freeze import parameter_groups
+
+    model = _meta("pit_ti_224")
+    assert not hasattr(model, "group_matcher")  # none in timm 1.0.x: the fallback decides
+    names = [g.name for g in parameter_groups(model)]
+    assert names[-1] == "head" and len(names) >= 4
+
+
+def test_no_weight_decay_wildcards_match_as_in_timm():
+    model = _meta("xcit_nano_12_p16_224")
+    assert "pos_embed.*" in model.no_weight_decay()
+    groups = FreezePolicy().param_groups(model, weight_decay=0.05)
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert decay_of["pos_embed.token_projection.weight"] == 0.0
+    assert decay_of["blocks.0.attn.qkv.weight"] == 0.05
+
+
+def test_negative_depth_on_a_model_without_head_is_a_clear_error():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="has no classifier"):
+        FreezePolicy.linear_probe().trainable_names(m)

@@ -3,8 +3,9 @@ import timm
 import torch
 from torch import nn
 
-from tlkit import FreezePolicy, HeadReplacer, TaskHead
-from tlkit.head import classifier_param_names
+from tlkit import FineTuner, FreezePolicy, HeadReplacer, TaskHead
+from tlkit.freeze import parameter_groups
+from tlkit.head import check_head_width, classifier_param_names, head_width
 
 # (model, classifier module names, pre-logit width) - widths from the architectures' definitions.
 FAMILIES = [
@@ -89,3 +90,126 @@ def test_config_rejects_bad_values():
         HeadReplacer(0)
     with pytest.raises(ValueError, match="dropout"):
         HeadReplacer(3, dropout=1.5)
+
+
+# -- the head shapes timm has: lists of heads, heads owning their pooling, auxiliary and
+# distillation heads, wrapped heads whose pretrained layers are kept (or reset)
+
+
+def meta_model(name: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def meta_logits(model: nn.Module) -> tuple[int, ...]:
+    x = torch.empty(2, *model.pretrained_cfg["input_size"], device="meta")
+    return tuple(model.eval()(x).shape)
+
+
+@pytest.mark.parametrize("name", [
+    "crossvit_tiny_240",       # head is a ModuleList, one Linear per branch
+    "sequencer2d_s",           # head is a ClassifierHead (owns its pooling)
+    "volo_d1_224",             # aux_head, a second 1000-way classifier
+    "deit_tiny_distilled_patch16_224",  # head and head_dist
+    "levit_128s",              # NormLinear (BN + Linear), distilled
+    "repvit_m1",               # RepVitClassifier with a distillation head reset_classifier drops
+])
+def test_every_classifier_resized_and_forward_gives_num_classes(name):
+    model = meta_model(name)
+    HeadReplacer(num_classes=7).apply(model)
+    assert meta_logits(model) == (2, 7)
+    assert model.num_classes == 7 and head_width(model) == 7
+    # no layer inside the model still produces the 1000 ImageNet classes
+    assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+
+
+def test_head_that_owns_pooling_keeps_pre_logits():
+    model = meta_model("sequencer2d_s")
+    HeadReplacer(num_classes=5).apply(model)
+    feats = model.forward_features(torch.empty(2, 3, 224, 224, device="meta"))
+    assert tuple(model.forward_head(feats, pre_logits=True).shape) == (2, model.num_features)
+    assert tuple(model.forward_head(feats).shape) == (2, 5)
+
+
+def test_aux_head_is_part_of_the_head_group():
+    model = meta_model("volo_d1_224")
+    HeadReplacer(num_classes=3).apply(model)
+    groups = parameter_groups(model)
+    assert {"aux_head.weight", "aux_head.bias", "head.weight", "head.bias"} <= set(groups[-1].param_names)
+    assert not any(n.startswith("aux_head") for g in groups[:-1] for n in g.param_names)
+    # freeze_to(-2) trains the last real stage and the heads, never aux_head as a "stage"
+    trainable = FreezePolicy.freeze_to(-2).trainable_names(model)
+    assert {n for n in trainable if n.startswith("post_network.1.")}
+
+
+def test_keep_preserves_pretrained_norm_of_wrapped_head_and_reset_reinitialises_it():
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False)
+    with torch.no_grad():
+        model.head.bn.weight.fill_(3.0)  # stands for a pretrained value
+    kept = HeadReplacer(num_classes=4).apply(model)
+    assert isinstance(kept.head.linear, nn.Linear) and kept.head.linear.out_features == 4
+    assert torch.all(kept.head.bn.weight == 3.0)
+
+    other = timm.create_model("levit_128s", pretrained=False)
+    with torch.no_grad():
+        other.head.bn.weight.fill_(3.0)
+    reset = HeadReplacer(num_classes=4, head_layers="reset").apply(other)
+    assert torch.all(reset.head.bn.weight == 1.0)  # timm's fresh BatchNorm
+    assert reset(torch.randn(2, 3, 224, 224)).shape == (2, 4)
+
+
+def test_metaformer_mlp_head_keeps_fc1_and_norm():
+    torch.manual_seed(0)
+    model = timm.create_model("caformer_s18", pretrained=False, num_classes=10)
+    fc1 = model.head.fc.fc1.weight.detach().clone()
+    HeadReplacer(num_classes=4).apply(model)
+    assert torch.equal(model.head.fc.fc1.weight, fc1)
+    assert model.head.fc.fc2.out_features == 4
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_dropout_head_on_every_branch_of_a_list_head():
+    model = meta_model("crossvit_tiny_240")
+    HeadReplacer(num_classes=6, dropout=0.2).apply(model)
+    assert [type(h).__name__ for h in model.head] == ["TaskHead", "TaskHead"]
+    assert meta_logits(model) == (2, 6)
+
+
+def test_unhandled_classifier_is_an_error_at_replacement_naming_model_and_module():
+    class Odd(nn.Module):
+        num_classes = 1000
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3)
+            self.head = nn.Conv2d(8, 1000, 3)
+
+        def get_classifier(self):
+            return self.head
+
+        def reset_classifier(self, n):
+            self.head = nn.Conv2d(8, n, 3)
+
+    with pytest.raises(ValueError, match=r"Odd: classifier 'head' is a \(3, 3\) convolution"):
+        HeadReplacer(num_classes=2).apply(Odd())
+
+
+def test_finetuner_checks_head_width_and_class_count():
+    model = timm.create_model("test_resnet", pretrained=False)  # 1000-way head never replaced
+    with pytest.raises(ValueError, match=r"1000 outputs but 2 class names.*HeadReplacer\(num_classes=2\)"):
+        FineTuner(model, ["a", "b"], config=None)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        FineTuner(HeadReplacer(1).apply(timm.create_model("test_resnet", pretrained=False)), ["only"])
+    with pytest.raises(ValueError, match="different widths"):
+        m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+        m.head = nn.Linear(m.head.in_features, 3)  # head_dist left at 1000
+        check_head_width(m, ["a", "b", "c"])
+
+
+def test_loaded_model_keeps_data_config_when_wrapped_again():
+    model = HeadReplacer(2).apply(timm.create_model("test_resnet", pretrained=False))
+    custom = {"input_size": [3, 96, 64], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+              "crop_pct": 1.0, "crop_mode": "squash"}
+    FineTuner(model, ["a", "b"], data_config=custom)
+    assert FineTuner(model, ["a", "b"]).data_config == custom

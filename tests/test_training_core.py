@@ -135,3 +135,29 @@ def test_no_file_with_non_finite_tensors_is_written():
     with pytest.raises(FloatingPointError, match="'w' holds NaN or inf; nothing was written"):
         assert_finite({"w": torch.tensor([1.0, float("inf")])}, "runs/x/last.safetensors")
     assert_finite({"n": torch.tensor([3]), "w": torch.zeros(2)}, "ok")
+
+
+def test_balanced_sampler_draws_classes_equally_and_keeps_the_step_count():
+    from collections import Counter
+
+    from tlkit._training.loaders import BalancedSampler, steps_per_epoch, train_loader
+
+    labels = [0] * 90 + [1] * 10
+    draw = list(BalancedSampler(labels, seed=3, epoch=0))
+    counts = Counter(labels[i] for i in draw)
+    assert len(draw) == 100 and 35 <= counts[1] <= 65  # 50 expected; a shuffle gives exactly 10
+    assert draw == list(BalancedSampler(labels, seed=3, epoch=0)) != list(BalancedSampler(labels, seed=3, epoch=1))
+    # two ranks split one draw, like the shuffle sampler
+    r0, r1 = list(BalancedSampler(labels, 3, 0, 0, 2)), list(BalancedSampler(labels, 3, 0, 1, 2))
+    assert [x for pair in zip(r0, r1) for x in pair] == draw
+    data = torch.utils.data.TensorDataset(torch.zeros(100, 2), torch.tensor(labels))
+    loader = train_loader(data, 16, seed=0, epoch=0, dist=None, num_workers=0, device=torch.device("cpu"),
+                          sampler="balanced")
+    assert len(loader) == steps_per_epoch(data, 16, None) == 6
+
+
+def test_sampler_balanced_in_a_fit(tmp_path):
+    train, val = photo_split(tmp_path, ("cardboard", "glass"))
+    tuner = tiny_tuner(train.classes, epochs=1, sampler="balanced")
+    history = tuner.fit(train, val)
+    assert history[-1]["epoch"] == 1 and tuner.step == 2  # 8 images, batch 4: as with shuffle

@@ -16,11 +16,26 @@ def classifier_module_names(model: nn.Module) -> list[str]:
     """Dotted names of the classifier module(s) returned by ``model.get_classifier()``.
 
     Two names for distilled models (``head``, ``head_dist``). Falls back to
-    ``pretrained_cfg["classifier"]`` for models whose ``get_classifier`` is missing.
+    ``pretrained_cfg["classifier"]`` for models whose ``get_classifier`` is missing. Layers
+    `tlkit.HeadReplacer` put in (marked ``_tlkit_head``: every list head, auxiliary and
+    distillation head) that lie outside those are added after them.
 
     Raises:
         ValueError: no classifier can be found.
     """
+    marked = [n for n, m in model.named_modules() if n and getattr(m, "_tlkit_head", False)]
+    try:
+        declared = _declared_classifiers(model)
+    except ValueError:
+        if marked:
+            return marked
+        raise
+    inside = lambda n, outer: n == outer or n.startswith(outer + ".")  # noqa: E731
+    extra = [n for n in marked if not any(inside(n, d) for d in declared)]
+    return [n for n in declared if not any(inside(n, o) and n != o for o in declared)] + extra
+
+
+def _declared_classifiers(model: nn.Module) -> list[str]:
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         found = getter()

@@ -243,6 +243,12 @@ class HeadConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each Linear.")
     hidden_dim: int | None = Field(None, ge=1, le=MAX_HIDDEN_DIM, description="Width of an optional hidden layer.")
     activation: Literal["relu", "gelu", "silu"] = "relu"
+    head_layers: Literal["keep", "reset"] = Field(
+        "keep",
+        description="Pretrained layers of the old head around its final Linear (the BatchNorm of LeViT's "
+        "NormLinear, fc1/norm of MLP heads): 'keep' their weights and replace only the final layer(s), or "
+        "'reset' them with timm's reset_classifier (fresh initialisation).",
+    )
 
     _whole = field_validator("num_classes", "hidden_dim", mode="before")(whole_number)
 
@@ -389,6 +395,12 @@ class TrainConfig(StrictModel):
         "none",
         description="Cross-entropy class weights: 'balanced' = n / (num_classes * n_class) over the training "
         "set (scikit-learn's formula), or one weight per class.",
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="Order of training images: 'shuffle' (each image once per epoch) or 'balanced' (as many draws "
+        "per epoch as images, with replacement, each image weighted 1 / its class size, so every class is drawn "
+        "equally often; PyTorch's WeightedRandomSampler rule). The LR schedule counts the same steps either way.",
     )
     ema_decay: float | None = Field(
         None, gt=0.0, lt=1.0,

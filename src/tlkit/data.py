@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from tlkit.images import (
 
 __all__ = [
     "ImageFolderDataset",
+    "is_metadata_folder",
+    "natural_key",
     "skip_none_collate",
     "stratified_split",
     "stratified_kfold",
@@ -32,6 +35,28 @@ __all__ = [
     "create_transforms",
     "eval_resize_size",
 ]
+
+
+_METADATA_FOLDERS = {"@eadir", "$recycle.bin", "recycler", "system volume information", "lost+found"}
+
+
+def is_metadata_folder(name: str) -> bool:
+    """Whether a folder name is OS or tool metadata, never a class.
+
+    ``__MACOSX`` (zip files made on a Mac) and every name starting with ``.`` or ``_``
+    (``.git``, ``.ipynb_checkpoints``, ``__pycache__``), Synology's ``@eaDir``, Windows'
+    ``$RECYCLE.BIN`` and ``System Volume Information``, and ``lost+found``.
+    """
+    return name[:1] in {".", "_"} or name.lower() in _METADATA_FOLDERS
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders digits by value (``class2`` before ``class10``), case-insensitively.
+
+    The order of timm's folder reader (``timm.data.readers.reader_image_folder`` sorts class
+    names with the same ``natural_key``), so tlkit and timm give a folder the same class indices.
+    """
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
 def skip_none_collate(batch: list[Any]) -> Any:
@@ -61,7 +86,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Args:
         root: the folder holding one sub-folder per class.
-        classes: class names in index order. By default the sorted sub-folder names. When given
+        classes: class names in index order. By default the sub-folder names in `natural_key`
+            order (timm's: ``class2`` before ``class10``), metadata folders (`is_metadata_folder`:
+            ``__MACOSX``, ``.git``, ``@eaDir``...) left out and listed in ``ignored_folders``. When given
             (e.g. a checkpoint's classes), folders are matched by name whatever their order on
             disk, and a folder with a name not in ``classes`` is an error.
         transform: applied to each PIL image.
@@ -95,7 +122,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
         if bad_images not in ("skip", "error"):
             raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        subdirs = [p.name for p in self.root.iterdir() if p.is_dir()]
+        self.ignored_folders: list[str] = sorted(n for n in subdirs if is_metadata_folder(n))
+        folders = sorted((n for n in subdirs if not is_metadata_folder(n)), key=natural_key)
         if not folders:
             raise ValueError(f"{self.root}: no class folders (expected root/<class>/<image>)")
         if classes is None:

@@ -39,7 +39,7 @@ from tlkit.data import ImageFolderDataset, create_transforms, eval_resize_size
 from tlkit.distributed import DistributedContext, init_distributed
 from tlkit.features import FeatureCache
 from tlkit.freeze import FreezePolicy
-from tlkit.head import HeadReplacer, TaskHead
+from tlkit.head import HeadReplacer, TaskHead, check_head_width
 from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
@@ -111,8 +111,12 @@ class FineTuner:
         self.callbacks: list[Callback] = list(callbacks or [])
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
-        self.data_config = data_config or resolve_data_config(model, self.backbone.data_config)
+        # A model that went through FineTuner keeps its resolved data config when wrapped again.
+        self.data_config = (data_config or getattr(model, "tlkit_data_config", None)
+                            or resolve_data_config(model, self.backbone.data_config))
+        model.tlkit_data_config = self.data_config
         self.head = self._check_head(head or _infer_head_config(model, len(self.classes)))
+        check_head_width(model, self.classes)
         self._setup_runtime(model)
         self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
         self.draft_size = eval_resize_size(self.data_config) if self.config.jpeg_draft else None
@@ -131,6 +135,8 @@ class FineTuner:
         self.checkpoint_metadata: dict[str, Any] | None = None
 
     def _check_head(self, head: HeadConfig) -> HeadConfig:
+        if len(self.classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {self.classes}: add a folder per class")
         if head.num_classes is None:
             head = head.model_copy(update={"num_classes": len(self.classes)})
         if head.num_classes != len(self.classes):

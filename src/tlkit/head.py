@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+
+import torch
 from torch import nn
 
 from tlkit._introspect import classifier_module_names, classifier_param_names
 from tlkit.config import HeadConfig
 
-__all__ = ["HeadReplacer", "TaskHead", "classifier_module_names", "classifier_param_names"]
+__all__ = ["HeadReplacer", "TaskHead", "check_head_width", "classifier_module_names", "classifier_param_names", "head_width"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -67,6 +71,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _arch(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
 class HeadReplacer:
     """Swap the classifier of a timm model for a new head with ``num_classes`` outputs.
 
@@ -89,9 +98,11 @@ class HeadReplacer:
         dropout: float = 0.0,
         hidden_dim: int | None = None,
         activation: str = "relu",
+        head_layers: str = "keep",
     ) -> None:
         self.config = HeadConfig(
-            num_classes=num_classes, dropout=dropout, hidden_dim=hidden_dim, activation=activation
+            num_classes=num_classes, dropout=dropout, hidden_dim=hidden_dim, activation=activation,
+            head_layers=head_layers,
         )
 
     @classmethod
@@ -104,7 +115,7 @@ class HeadReplacer:
         n = config.num_classes or num_classes
         if n is None:
             raise ValueError("HeadConfig.num_classes is not set and no class count was given")
-        return cls(n, config.dropout, config.hidden_dim, config.activation)
+        return cls(n, config.dropout, config.hidden_dim, config.activation, config.head_layers)
 
     def build(self, in_features: int) -> nn.Module:
         """A fresh head for ``in_features`` inputs (PyTorch's default Linear initialisation)."""
@@ -116,32 +127,160 @@ class HeadReplacer:
     def apply(self, model: nn.Module) -> nn.Module:
         """Replace the classifier(s) of ``model`` in place and return ``model``.
 
-        The new head is created on the device and dtype of the old classifier (or of the first
-        model parameter) and is trainable. ``model.num_classes`` is updated.
+        timm's contract decides what the classifiers are: ``reset_classifier(num_classes)`` runs
+        first on a weightless copy of the model (``meta`` tensors), and every Linear or 1x1
+        convolution it creates with ``num_classes`` outputs is a classifier: lists of heads
+        (CrossViT), heads that own their pooling (``ClassifierHead``), distillation and
+        auxiliary heads (DeiT ``head_dist``, VOLO ``aux_head``). Each is swapped for a new
+        layer; with ``head_layers="keep"`` the pretrained layers around it stay (the BatchNorm
+        of LeViT's ``NormLinear``, ``fc1``/``norm`` of an MLP head, the pooling), with
+        ``"reset"`` timm's own ``reset_classifier`` rebuilds those first (fresh init). Models
+        without ``reset_classifier`` fall back to ``get_classifier()`` and
+        ``pretrained_cfg["classifier"]``.
+
+        The new layers are created on the device and dtype of the old classifier (or of the
+        first model parameter), are trainable and carry a ``_tlkit_head`` mark (see
+        `classifier_module_names`). ``model.num_classes`` is updated.
 
         Returns:
             The same model; its forward returns logits ``(B, num_classes)``.
 
         Raises:
-            ValueError: the classifier cannot be found.
+            ValueError: naming the model and the module, where the classifier cannot be found
+                or is a layer tlkit cannot rebuild (a convolution wider than 1x1).
         """
-        names = classifier_module_names(model)
+        names = _classifier_targets(model, self.config.num_classes, self.config.head_layers)
         ref = next(model.parameters(), None)
-        for name in names:
+        for name, in_features in names:
             old = model.get_submodule(name)
-            new = self.build(_in_features(old, model))
+            if isinstance(old, nn.Conv2d) and old.kernel_size != (1, 1):
+                raise ValueError(f"{_arch(model)}: classifier {name!r} is a {old.kernel_size} convolution; "
+                                 "tlkit replaces Linear and 1x1 convolution classifiers only")
+            new = self.build(in_features)
             src = next(old.parameters(), ref)
-            if src is not None:
+            if src is not None and src.device.type != "meta":
                 new = new.to(device=src.device, dtype=src.dtype)
+            elif src is not None:
+                new = new.to(device="meta", dtype=src.dtype)
             if isinstance(old, nn.Conv2d) and isinstance(new, nn.Linear):
                 new = TaskHead(new.in_features, new.out_features).to(new.weight.device, new.weight.dtype)
             for p in new.parameters():
                 p.requires_grad_(True)
+            new._tlkit_head = True
             _set_submodule(model, name, new)
-            parent_name = name.rpartition(".")[0]
-            parent = model.get_submodule(parent_name) if parent_name else None
-            if parent is not None and hasattr(parent, "num_classes"):
-                parent.num_classes = self.config.num_classes
-        if hasattr(model, "num_classes"):
-            model.num_classes = self.config.num_classes
+            _set_num_classes(model, name, self.config.num_classes)
         return model
+
+
+def _set_num_classes(model: nn.Module, name: str, num_classes: int) -> None:
+    # The model and every module on the path to the new layer that records a class count.
+    parts = name.split(".")
+    for k in range(len(parts)):
+        module = model.get_submodule(".".join(parts[:k])) if k else model
+        if isinstance(getattr(module, "num_classes", None), int):
+            module.num_classes = num_classes
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are ``meta`` tensors (no data copied)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    twin = copy.deepcopy(model, memo)
+    for m in twin.modules():
+        m._tlkit_twin = True
+    return twin
+
+
+def _out_width(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return m.out_channels
+    return None
+
+
+def _in_width(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _reset_targets(model: nn.Module, num_classes: int) -> list[tuple[str, int]]:
+    # Run timm's reset_classifier on a weightless twin; the layers it creates with num_classes
+    # outputs are the classifiers (timm knows its heads better than any name heuristic).
+    twin = _meta_twin(model)
+    with torch.device("meta"):
+        twin.reset_classifier(num_classes)
+    return [(n, _in_width(m)) for n, m in twin.named_modules()
+            if not getattr(m, "_tlkit_twin", False) and _out_width(m) == num_classes]
+
+
+def _classifier_targets(model: nn.Module, num_classes: int, head_layers: str) -> list[tuple[str, int]]:
+    """``(module name, input width)`` of every classifier layer to replace."""
+    if callable(getattr(model, "reset_classifier", None)):
+        try:
+            targets = _reset_targets(model, num_classes)
+        except Exception as e:  # noqa: BLE001 - any failure of a model's own reset is reported with its name
+            raise ValueError(f"{_arch(model)}: reset_classifier({num_classes}) failed on a weightless copy: "
+                             f"{type(e).__name__}: {e}") from None
+        if not targets:
+            raise ValueError(f"{_arch(model)}: reset_classifier({num_classes}) created no Linear or convolution "
+                             f"with {num_classes} outputs, so tlkit cannot tell its classifier")
+        modules = dict(model.named_modules())
+        if head_layers == "keep" and all(n in modules for n, _ in targets):
+            return targets + _leftover_heads(model, {n for n, _ in targets})
+        ref = next(model.parameters(), None)
+        with torch.device(ref.device if ref is not None else "cpu"):
+            model.reset_classifier(num_classes)  # timm rebuilds its head wrappers (fresh init)
+        return targets
+    names = classifier_module_names(model)
+    return [(n, _in_features(model.get_submodule(n), model)) for n in names]
+
+
+def _leftover_heads(model: nn.Module, targets: set[str]) -> list[tuple[str, int]]:
+    # Layers inside the model's declared classifier that still have the old class count and
+    # that reset_classifier's defaults skip (RepViT's reset drops its distillation head; kept
+    # here, it must be resized too).
+    old = getattr(model, "num_classes", None)
+    try:
+        declared = classifier_module_names(model)
+    except ValueError:
+        return []
+    return [(n, _in_width(m)) for n, m in model.named_modules()
+            if n not in targets and _out_width(m) == old and any(n.startswith(d + ".") for d in declared)]
+
+
+def head_width(model: nn.Module) -> int | None:
+    """Number of outputs of the model's classifier(s), or ``None`` when it has none (``Identity``).
+
+    Raises:
+        ValueError: its classifiers disagree (one resized, another still at the old width).
+    """
+    try:
+        names = classifier_module_names(model)
+    except ValueError:
+        return None
+    widths = set()
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, TaskHead):
+            widths.add(module.num_classes)
+            continue
+        leaves = [w for m in module.modules() if (w := _out_width(m)) is not None]
+        if leaves:
+            widths.add(leaves[-1])
+    if len(widths) > 1:
+        raise ValueError(f"{_arch(model)}: its classifiers {names} have different widths {sorted(widths)}")
+    return widths.pop() if widths else None
+
+
+def check_head_width(model: nn.Module, classes: list[str]) -> None:
+    """Raise unless the model's classifier has ``len(classes)`` outputs.
+
+    Raises:
+        ValueError: naming the model, both numbers and the fix.
+    """
+    width = head_width(model)
+    if width is not None and width != len(classes):
+        raise ValueError(f"{_arch(model)}: its classifier has {width} outputs but {len(classes)} class names were "
+                         f"given; replace it first: HeadReplacer(num_classes={len(classes)}).apply(model)")

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tlkit.data import skip_none_collate
 from tlkit.distributed import DistributedContext, shard_indices
 
-__all__ = ["train_loader", "eval_loader", "dataset_length", "steps_per_epoch", "shuffle_seed"]
+__all__ = ["BalancedSampler", "train_loader", "eval_loader", "dataset_length", "sample_labels", "steps_per_epoch",
+           "shuffle_seed"]
 
 
 def shuffle_seed(seed: int) -> int:
@@ -46,20 +47,60 @@ def _loader(dataset: Dataset, batch_size: int, sampler: Any, generator: torch.Ge
     )
 
 
+def sample_labels(dataset: Any) -> list[int]:
+    """Class index of every sample: an `ImageFolderDataset`'s ``targets``, a TensorDataset's second tensor."""
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return dataset.tensors[1].tolist()
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        raise ValueError("sampler='balanced' needs the class of every sample: give an ImageFolderDataset "
+                         "(or a dataset with a .targets list), or pass your own DataLoader")
+    return list(labels)
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """``len(labels) // world`` indices per process, drawn with replacement, weight 1 / class size.
+
+    One draw of ``len(labels)`` indices (``torch.multinomial`` seeded ``seed + epoch``, the
+    same on every rank) is dealt out ``rank::world``, like `train_loader`'s permutation.
+    """
+
+    def __init__(self, labels: list[int], seed: int, epoch: int, rank: int = 0, world: int = 1) -> None:
+        counts: dict[int, int] = {}
+        for y in labels:
+            counts[y] = counts.get(y, 0) + 1
+        self.weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.float64)
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.num_samples = len(labels) // world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g)
+        return iter(draw[self.rank::self.world][: self.num_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def train_loader(dataset: Any, batch_size: int, *, seed: int, epoch: int, dist: DistributedContext | None,
-                 num_workers: int, device: torch.device, worker_init_fn: Any = None) -> DataLoader:
-    """A shuffling loader for epoch index ``epoch``; a DataLoader passed in is returned as it is.
+                 num_workers: int, device: torch.device, worker_init_fn: Any = None,
+                 sampler: str = "shuffle") -> DataLoader:
+    """A shuffling (or class-balanced) loader for epoch index ``epoch``; a DataLoader passed in is returned as it is.
 
     One permutation (randperm seeded ``shuffle_seed(seed) + epoch``) is dealt out
     ``rank::world_size``: global batch k of a torchrun run holds the images of batch k of one
-    process with ``batch_size * world_size``, so both take the same steps.
+    process with ``batch_size * world_size``, so both take the same steps. ``sampler="balanced"``
+    deals a `BalancedSampler` draw the same way, with the same number of steps.
     """
     if isinstance(dataset, DataLoader):
         return dataset
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=shuffle_seed(seed), drop_last=True)
-    sampler.set_epoch(epoch)
+    if sampler == "balanced":
+        sampler = BalancedSampler(sample_labels(dataset), shuffle_seed(seed), epoch, rank, world)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=shuffle_seed(seed), drop_last=True)
+        sampler.set_epoch(epoch)
     # The generator seeds the worker processes only; the sampler owns the order.
     generator = torch.Generator().manual_seed(shuffle_seed(seed) + epoch)
     return _loader(dataset, batch_size, sampler, generator, len(sampler) > batch_size, num_workers, device,

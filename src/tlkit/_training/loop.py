@@ -152,7 +152,8 @@ class FitLoop:
         else:
             data, forward = self.train_ds, t.ddp_wrap(t.forward_module())
         loader = train_loader(data, cfg.batch_size, seed=cfg.seed, epoch=index, dist=t.dist,
-                              num_workers=cfg.num_workers, device=t.runtime.device, worker_init_fn=t.worker_init_fn)
+                              num_workers=cfg.num_workers, device=t.runtime.device, worker_init_fn=t.worker_init_fn,
+                              sampler=cfg.sampler)
         return forward, loader
 
     def _train_epoch(self, index: int, cached: bool) -> dict[str, Any]:
