@@ -120,3 +120,15 @@ def test_early_stopping_rebuilds_its_state_from_history_when_none_was_saved():
     assert T.should_stop and record["early_stop"]
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=0)
+
+
+def test_redirected_output_gets_one_plain_line_per_epoch_and_no_bar_frames(tmp_path, capfd):
+    # capfd: stdout/stderr are files here, as in a CI log or `tlkit train > log`
+    train, val = photo_split(tmp_path, ("cardboard", "glass"))
+    tuner = tiny_tuner(train.classes, epochs=3, progress=True)
+    tuner.fit(train, val)
+    out, err = capfd.readouterr()
+    log = out + err
+    assert "\r" not in log and "\x1b" not in log
+    lines = [ln for ln in log.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]

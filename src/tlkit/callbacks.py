@@ -138,7 +138,8 @@ class ProgressBar(Callback):
 
     def on_epoch_start(self, tuner: FineTuner, epoch: int) -> None:
         if tuner.is_main:
-            self._bar = tqdm(total=tuner.steps_per_epoch, desc=f"epoch {epoch}/{tuner.config.epochs}", leave=False)
+            self._bar = tqdm(total=tuner.steps_per_epoch, desc=f"epoch {epoch}/{tuner.config.epochs}", leave=False,
+                             disable=None)  # None: a bar on a terminal only; pipes and files get the epoch lines
         self._sum, self._seen = 0.0, 0
 
     def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:

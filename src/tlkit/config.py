@@ -435,7 +435,11 @@ class TrainConfig(StrictModel):
     flush_denormal: bool = Field(
         True, description="On CPU, flush subnormal floats to zero during fit/evaluate/predict (restored after)."
     )
-    progress: bool = True
+    progress: bool = Field(
+        True,
+        description="Print progress: one plain line per epoch, plus tqdm bars when the output is a terminal "
+        "(a pipe or a log file never gets bar frames); False prints nothing.",
+    )
     feature_cache: bool = Field(
         False,
         description="In epochs where only the classifier trains, compute the frozen backbone's "

@@ -63,7 +63,7 @@ def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
     """
     preds, targets, loss_sum = [], [], 0.0
     with eval_mode(model):
-        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
             if batch is None:  # every file of the batch failed to load
                 continue
             x, y = batch
@@ -117,7 +117,7 @@ def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any],
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(stack, chunks[0]) if chunks else None
         for k in tqdm(range(len(chunks)), desc="predict", unit="batch", leave=False,
-                      disable=not progress or len(chunks) < 2):
+                      disable=None if progress and len(chunks) >= 2 else True):
             x = pending.result()
             if k + 1 < len(chunks):
                 pending = pool.submit(stack, chunks[k + 1])
