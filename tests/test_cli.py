@@ -203,3 +203,13 @@ def test_device_flags_are_checked_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--checkpoint", "m.safetensors", "--device", "banana", "x.jpg"])
     assert "device must be 'auto', 'cpu', 'cuda', 'cuda:N'" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys):
+    import tlkit
+    from tlkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tlkit {tlkit.__version__}"

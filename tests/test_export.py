@@ -67,3 +67,12 @@ def test_cli_export_checks_onnx_on_a_folder(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "m.pt"),
                  "--format", "torchscript"]) == 0
     assert (tmp_path / "m.pt").stat().st_size > 1000
+
+
+def test_export_creates_missing_parent_folders(tmp_path):
+    pytest.importorskip("onnx")
+    tuner = tiny_tuner(CLASSES)
+    onnx_path = export_onnx(tuner.model, tmp_path / "new" / "deeper" / "m.onnx", (3, 64, 64))
+    assert onnx_path.is_file() and not list(onnx_path.parent.glob(".*.tmp"))
+    ts_path = export_torchscript(tuner.model, tmp_path / "other" / "m.pt", (3, 64, 64))
+    assert ts_path.is_file()

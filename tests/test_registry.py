@@ -64,3 +64,73 @@ def test_structural_contract(name):
     assert sorted(in_groups) == sorted(params), "every trainable parameter in exactly one optimizer group"
     x = torch.empty(2, *model.pretrained_cfg["input_size"], device="meta")
     assert tuple(model.eval()(x).shape) == (2, N)
+
+
+# -- one real forward/backward per model module ---------------------------------------------------
+
+PICKS_FILE = __import__("pathlib").Path(__file__).with_name("registry_modules.json")
+
+
+def _picks() -> dict[str, dict]:
+    import json
+
+    return json.loads(PICKS_FILE.read_text())
+
+
+def test_every_model_module_has_a_pick():
+    # A timm release with a new model module fails here until registry_modules.json covers it
+    # (regenerate: python tests/test_registry.py).
+    from timm.models._registry import _model_to_module
+
+    modules = {_model_to_module[n] for n in ALL}
+    assert set(_picks()) == modules
+    assert all(p["model"] in ALL for p in _picks().values())
+
+
+@pytest.mark.parametrize("module", sorted(_picks()) if PICKS_FILE.exists() else [])
+def test_real_forward_backward_and_step_per_module(module):
+    pick = _picks()[module]
+    if pick.get("known"):
+        pytest.xfail(pick["known"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(pick["model"], pretrained=False, **pick.get("kwargs", {}))
+    HeadReplacer(num_classes=N).apply(model)
+    policy = FreezePolicy.freeze_to(-2)
+    trainable = policy.apply(model.train())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    head = parameter_groups(model)[-1].param_names
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in head}
+    logits = model(torch.randn(2, *pick["input_size"]))
+    assert logits.shape == (2, N) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads <= trainable and set(head) <= grads
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
+def _write_picks() -> None:
+    """Regenerate registry_modules.json: the smallest model (by parameters) of every module."""
+    import json
+
+    from timm.models._registry import _model_to_module
+
+    best: dict[str, dict] = {}
+    for name in ALL:
+        try:
+            model = meta_model(name)
+        except Exception:  # noqa: BLE001 - listed by the structural test instead
+            continue
+        size = sum(p.numel() for p in model.parameters())
+        module = _model_to_module[name]
+        cfg = model.pretrained_cfg
+        side = cfg["input_size"][1:] if cfg.get("fixed_input_size") else [min(s, 96) for s in cfg["input_size"][1:]]
+        if module not in best or size < best[module]["params"]:
+            best[module] = {"model": name, "params": size, "input_size": [3, *side]}
+    PICKS_FILE.write_text(json.dumps(dict(sorted(best.items())), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    _write_picks()

@@ -373,7 +373,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tlkit`` command."""
+    from tlkit._version import __version__
+
     parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning on any timm backbone.")
+    parser.add_argument("--version", action="version", version=f"tlkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_run_commands(sub)

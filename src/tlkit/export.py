@@ -60,6 +60,7 @@ def export_onnx(
     except ImportError as e:
         raise ImportError('ONNX export needs the onnx package: pip install "tlkit[export]"') from e
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # "export to runs/x/model.onnx" needs no mkdir first
     plain = _plain_copy(model).cpu()
     x = _example(plain, tuple(input_size))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -117,6 +118,7 @@ def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int
         ``path``.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     plain = _plain_copy(model).cpu()
     with torch.no_grad():
         traced = torch.jit.trace(plain, _example(plain, tuple(input_size)))
