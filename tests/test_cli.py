@@ -213,3 +213,22 @@ def test_version_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"tlkit {tlkit.__version__}"
+
+
+def test_predict_keeps_going_past_bad_files_and_accepts_folders(tmp_path, capsys):
+    from conftest import tiny_tuner
+
+    tuner = tiny_tuner(["cardboard", "glass", "metal"])
+    tuner.save(tmp_path / "m.safetensors")
+    root = copy_sample(tmp_path / "data", per_class=1)
+    good = sorted(str(p) for p in root.rglob("*.jpg"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    args = ["predict", "--checkpoint", str(tmp_path / "m.safetensors"), good[0], str(tmp_path / "broken.jpg"),
+            str(tmp_path / "missing.jpg"), str(root / "glass")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    printed = [json.loads(x)["path"] for x in captured.out.splitlines()]
+    assert printed == [good[0], *[g for g in good if "/glass/" in g]]
+    err = captured.err.splitlines()
+    assert any("broken.jpg" in line for line in err) and any("missing.jpg" in line for line in err)
+    assert err[-1] == "tlkit predict: 2 of 4 file(s) could not be classified"

@@ -186,8 +186,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _expand(patterns: list[str]) -> list[Path]:
-    """Files named by paths or globs (``photos/*.jpg``, ``photos/**/*.png``), in order, deduplicated."""
+    """Files named by paths, folders (every image inside, recursively) or globs, in order, deduplicated."""
     import glob
+
+    from tlkit.images import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for pattern in patterns:
@@ -196,9 +198,32 @@ def _expand(patterns: list[str]) -> list[Path]:
             if not hits:
                 raise FileNotFoundError(f"{pattern}: no file matches")
             out += [Path(h) for h in hits if Path(h).is_file()]
+        elif Path(pattern).is_dir():
+            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{pattern}: folder holds no image (suffixes {sorted(IMAGE_EXTENSIONS)})")
+            out += found
         else:
             out.append(Path(pattern))
     return list(dict.fromkeys(out))
+
+
+def _predict_rows(tuner, paths: list[Path], args: argparse.Namespace, chunk: int = 256):
+    """``(path, Prediction or error text)`` per file, in order; one bad file costs only its own row."""
+    import torch
+
+    for start in range(0, len(paths), chunk):
+        part, good, tensors = paths[start:start + chunk], [], []
+        errors: dict[Path, str] = {}
+        for path in part:
+            try:
+                tensors.append(tuner.prepare_input(path, args.max_pixels, args.max_bytes))
+                good.append(path)
+            except (OSError, ValueError) as e:
+                errors[path] = str(e)
+        preds = dict(zip(good, tuner.predict(torch.stack(tensors), batch_size=args.batch_size, tta=args.tta))) if tensors else {}
+        for path in part:
+            yield path, preds.get(path, errors.get(path))
 
 
 def _print_csv(rows: list[dict], classes: list[str]) -> None:
@@ -226,11 +251,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
-    paths = _expand(args.images)
-    preds = tuner.predict(paths, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                          max_bytes=args.max_bytes, tta=args.tta)
-    rows = []
-    for path, p in zip(paths, preds):
+    rows, failed = [], 0
+    for path, p in _predict_rows(tuner, _expand(args.images), args):
+        if isinstance(p, str):  # reported, and the other files still get their prediction
+            failed += 1
+            print(f"tlkit predict: error: {escape_control(p)}", file=sys.stderr)
+            continue
         top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[: args.top_k]
         rows.append({"path": str(path), "label": p.label, "probability": p.probability, "top": top,
                      "probabilities": p.probabilities})
@@ -239,9 +265,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps({k: r[k] for k in ("path", "label", "probability", "probabilities")}))
     elif args.format == "csv":
         _print_csv(rows, tuner.classes)
-    else:
+    elif rows:
         _print_table(rows, args.top_k)
-    return 0
+    if failed:
+        print(f"tlkit predict: {failed} of {failed + len(rows)} file(s) could not be classified", file=sys.stderr)
+    return 2 if failed else 0  # bad input, as every other mistake: after the good files are printed
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
