@@ -297,6 +297,8 @@ def row_lightning(split: dict, out: Path, epochs: int) -> dict:
 def row_timm(split: dict, out: Path, epochs: int, timm_repo: Path) -> dict:
     """timm's train.py (full fine-tune, its reference recipe), run as a user runs it."""
     import torch
+
+    out = out.resolve()  # train.py runs in the checkout
     from safetensors.torch import save_file
 
     data = out / "timm-data"
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse", action="store_true", help="keep rows already measured in OUT/rows")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = args.out.resolve()
     if args.child:
         return run_child(args.child, args.out, args.epochs, args.timm_repo)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ Swap data, recipe or backbone:
     python examples/garbage/train.py --set train.epochs=20 --set data.augment.auto_augment=trivialaugment
     python examples/garbage/train.py --backbone tf_efficientnet_lite0 --weights FILE
     python examples/garbage/train.py --backbone resnet50          # hub weights, needs network
+    python examples/garbage/train.py --data DIR --recipe finetune-strong --backbone tf_efficientnet_lite0 \
+        --weights FILE --refit    # the best recipe, trained on every photo of DIR (see docs/results.md)
 
 Then: python -m tlkit evaluate --checkpoint runs/garbage-finetune --data DIR
 """
@@ -30,6 +32,7 @@ from tlkit import (
     DataConfigOverrides,
     DatasetConfig,
     FineTuner,
+    ImageFolderDataset,
     RunConfig,
     apply_recipe,
     destroy_distributed,
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any RunConfig field after the recipe, e.g. --set train.epochs=20")
     p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
                    help="also report the best checkpoint with test-time augmentation")
+    p.add_argument("--refit", action="store_true",
+                   help="train on every photo of --data (no validation split) and ship the final model; "
+                        "judge it on photos of your own with `tlkit evaluate`")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -119,9 +125,26 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return config.with_overrides(args.set)
 
 
+def refit(args: argparse.Namespace, config: RunConfig) -> dict:
+    """Train on all labelled photos once the recipe is chosen: nothing held back, the final model ships."""
+    train = ImageFolderDataset(config.data.root)
+    tuner = FineTuner.from_config(config, train.classes)
+    if tuner.is_main:
+        config.to_file(Path(config.output_dir) / "config.yaml")
+    t0 = time.perf_counter()
+    tuner.fit(train, None)
+    summary = {"recipe": args.recipe, "backbone": config.backbone.name, "train_images": len(train),
+               "train_seconds": round(time.perf_counter() - t0, 1),
+               "checkpoint": str(Path(config.output_dir) / "last.safetensors")}
+    (print if tuner.is_main else (lambda *a: None))(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = build_config(args)
+    if args.refit:
+        return refit(args, config)
     train, val = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
     say = print if tuner.is_main else (lambda *a, **k: None)  # rank 0 alone prints and writes
