@@ -427,9 +427,21 @@ def test_compile_trains_the_same_model_through_torch_compile(data):
     torch.testing.assert_close(compiled.model.fc.weight, eager.model.fc.weight, atol=1e-4, rtol=1e-3)
 
 
-def test_predict_shows_a_progress_bar_only_when_asked(image_root, capsys):
+def test_predict_shows_a_progress_bar_only_when_asked_and_on_a_terminal(image_root, capsys, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     photos = sorted(image_root.rglob("*.jpg"))[:3]
     tiny_tuner(CLASSES, progress=True).predict(photos, batch_size=1)
-    assert "predict" in capsys.readouterr().err
+    assert "predict" not in capsys.readouterr().err  # captured stderr is not a terminal: no bar
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tiny_tuner(CLASSES, progress=True).predict(photos, batch_size=1)
+    assert "predict" in term.getvalue()
+    term.truncate(0)
     tiny_tuner(CLASSES, progress=False).predict(photos, batch_size=1)
-    assert "predict" not in capsys.readouterr().err
+    assert "predict" not in term.getvalue()
