@@ -33,7 +33,8 @@ class Slow(torch.utils.data.Dataset):
 
 def report(tag):
     def init(worker_id):
-        print("worker", tag, os.getpid(), flush=True)
+        # one write(2) of under PIPE_BUF bytes: atomic, so four workers' lines never interleave
+        os.write(1, f"worker {{tag}} {{os.getpid()}}\\n".encode())
     return init
 
 loaders = [torch.utils.data.DataLoader(Slow(), num_workers=2, persistent_workers=True, worker_init_fn=fn)
@@ -59,8 +60,9 @@ def test_workers_die_within_seconds_of_a_kill_9_of_the_trainer():
         while sum(map(len, pids.values())) < 4:
             line = p.stdout.readline()
             assert line, f"trainer ended (exit {p.wait()}) before its workers started"
-            _, tag, pid = line.split()
-            pids[tag].append(int(pid))
+            fields = line.split()
+            if len(fields) == 3 and fields[0] == "worker":  # anything else on stdout is not ours
+                pids[fields[1]].append(int(fields[2]))
         p.send_signal(signal.SIGKILL)
         p.wait()
         deadline = time.monotonic() + 5
