@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["classifier_module_names", "classifier_param_names", "batchnorm_modules", "running_stats"]
+__all__ = ["architecture_name", "classifier_module_names", "classifier_param_names", "batchnorm_modules", "running_stats"]
+
+
+def architecture_name(model: nn.Module) -> str:
+    """The model's timm architecture (``pretrained_cfg["architecture"]``), else its class name."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
 
 
 def classifier_module_names(model: nn.Module) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tlkit._introspect import batchnorm_modules, classifier_param_names
+from tlkit._introspect import architecture_name, batchnorm_modules, classifier_param_names
 from tlkit._strict import StrictModel
 from tlkit.schedule import cosine_lr_factor  # noqa: F401  (its old home; tlkit.schedule owns it)
 
@@ -93,9 +93,8 @@ def _group_label(names: list[str], all_counts: dict[str, int]) -> str:
         parts = n.split(".")
         owner = next((".".join(parts[:k]) for k in range(1, len(parts))
                       if mine[".".join(parts[:k])] == all_counts[".".join(parts[:k])]), n)
-        if not owners or owners[-1] != owner:
-            owners.append(owner)
-    owners = list(dict.fromkeys(owners))
+        owners.append(owner)
+    owners = list(dict.fromkeys(owners))  # in first-seen order
     return "+".join(owners) if len(owners) <= 3 else f"{owners[0]}..{owners[-1]}"
 
 
@@ -299,9 +298,8 @@ class FreezePolicy(StrictModel):
         groups = parameter_groups(model)
         names = [n for n, _ in model.named_parameters()]
         if s.depth < 0 and (not groups or groups[-1].name != "head"):
-            cfg = getattr(model, "pretrained_cfg", None) or {}
             raise ValueError(
-                f"FreezePolicy(depth={s.depth}) counts from the head, but {cfg.get('architecture') or type(model).__name__} "
+                f"FreezePolicy(depth={s.depth}) counts from the head, but {architecture_name(model)} "
                 "has no classifier (an encoder-only model?): add one with HeadReplacer, or freeze with a depth >= 0")
         k = s.depth if s.depth >= 0 else max(len(groups) + s.depth, 0)
         trainable = {n for g in groups[k:] for n in g.param_names}

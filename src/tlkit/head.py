@@ -8,6 +8,7 @@ import itertools
 import torch
 from torch import nn
 
+from tlkit._introspect import architecture_name as _arch
 from tlkit._introspect import classifier_module_names, classifier_param_names
 from tlkit.config import HeadConfig
 
@@ -69,11 +70,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
-
-
-def _arch(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
 
 
 class HeadReplacer:
@@ -158,10 +154,8 @@ class HeadReplacer:
                                  "tlkit replaces Linear and 1x1 convolution classifiers only")
             new = self.build(in_features)
             src = next(old.parameters(), ref)
-            if src is not None and src.device.type != "meta":
+            if src is not None:
                 new = new.to(device=src.device, dtype=src.dtype)
-            elif src is not None:
-                new = new.to(device="meta", dtype=src.dtype)
             if isinstance(old, nn.Conv2d) and isinstance(new, nn.Linear):
                 new = TaskHead(new.in_features, new.out_features).to(new.weight.device, new.weight.dtype)
             for p in new.parameters():
