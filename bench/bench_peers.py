@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MNV2_FILE = ROOT / "examples" / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
 ROWS = ["seed", "tlkit-probe-mnv2", "tlkit-probe-lite0", "tlkit-finetune-lite0", "timm-lite0",
-        "lightning-lite0", "fastai-lite0", "tlkit-finetune-mnv2"]
+        "lightning-lite0", "fastai-lite0", "tlkit-finetune-mnv2", "tlkit-finetune-lite0-e20"]
+# A row "tlkit-KIND-WHICH-eN" is the same preset trained for N epochs (a lever, measured as a row).
 LOG_VAL = 64  # photos of the training pool a peer may log validation metrics on
 
 
@@ -200,7 +201,7 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
     config = config.model_copy(update={"train": config.train.model_copy(update=train)})
     tuner = FineTuner.from_config(config, full.classes)
     t0 = time.perf_counter()
-    tuner.fit(pool, None)  # no validation split: the whole pool trains, the final model ships
+    tuner.fit(pool, None, overwrite=True)  # the bench owns its work folder; no validation split: the whole pool trains, the final model ships
     seconds = time.perf_counter() - t0
     pred = [p.index for p in tuner.predict([p for p, _ in split["test"]])]
     assert len(pred) == len(test)
@@ -338,8 +339,10 @@ def run_child(row: str, out: Path, epochs: int, timm_repo: Path | None) -> None:
     if row == "seed":
         result = row_seed(split, work, e)
     elif row.startswith("tlkit-"):
-        _, kind, which = row.split("-")
-        result = _tlkit_run(split, work, which, "linear-probe" if kind == "probe" else "finetune-strong", epochs)
+        _, kind, which, *longer = row.split("-")
+        n = int(longer[0][1:]) if longer else epochs
+        result = _tlkit_run(split, work, which, "linear-probe" if kind == "probe" else "finetune-strong",
+                            epochs or n)
     elif row == "fastai-lite0":
         result = row_fastai(split, work, e)
     elif row == "lightning-lite0":

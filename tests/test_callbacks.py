@@ -132,3 +132,23 @@ def test_redirected_output_gets_one_plain_line_per_epoch_and_no_bar_frames(tmp_p
     assert "\r" not in log and "\x1b" not in log
     lines = [ln for ln in log.splitlines() if ln.startswith("epoch ")]
     assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
+
+
+def test_progress_epochs_keeps_the_epoch_lines_and_never_shows_bars_even_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    train, val = photo_split(tmp_path, ("cardboard", "glass"))
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tiny_tuner(train.classes, epochs=2, progress="epochs").fit(train, val)
+    log = term.getvalue() + capsys.readouterr().out
+    assert "\r" not in log  # no tqdm frame
+    assert [ln.split()[1] for ln in log.splitlines() if ln.startswith("epoch ")] == ["1/2", "2/2"]
+    term.truncate(0)
+    tiny_tuner(train.classes, epochs=1, progress=True).fit(train, val)
+    assert "\r" in term.getvalue()  # the same terminal shows bars with progress=True

@@ -232,3 +232,135 @@ def test_predict_keeps_going_past_bad_files_and_accepts_folders(tmp_path, capsys
     err = captured.err.splitlines()
     assert any("broken.jpg" in line for line in err) and any("missing.jpg" in line for line in err)
     assert err[-1] == "tlkit predict: 2 of 4 file(s) could not be classified"
+
+
+def _tiny_run_args(root, run, *extra):
+    base = ["backbone.name=test_resnet", "backbone.pretrained=false", "train.device=cpu", "train.epochs=1",
+            "train.warmup_epochs=0", "train.progress=false", "train.batch_size=4", f"data.root={root}",
+            "data.val_fraction=0.4", f"output_dir={run}", *extra]
+    return ["train", *(a for o in base for a in ("--set", o))]
+
+
+def test_a_finished_run_survives_a_second_train_and_resume_keeps_its_config(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=3)
+    run = tmp_path / "run"
+    assert main(_tiny_run_args(root, run)) == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert {"best.safetensors", "last.state.pt", "metrics.jsonl", "config.yaml"} <= set(files)
+    capsys.readouterr()
+
+    assert main(_tiny_run_args(root, run, "train.seed=1")) == 2  # a second run into the same folder
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    # Changed settings on resume are refused, naming the field; the recorded config stays.
+    assert main([*_tiny_run_args(root, run, "train.lr=0.5"), "--resume"]) == 2
+    assert "train.lr (0.001 -> 0.5)" in capsys.readouterr().err
+    assert main([*_tiny_run_args(root, run, "train.num_workers=0"), "--resume"]) == 0  # a machine setting
+    assert "is complete (1 of 1 epochs); nothing to train" in capsys.readouterr().err
+    kept = ("config.yaml", "metrics.jsonl", "report.md")  # what the run recorded is what it says
+    assert {name: (run / name).read_bytes() for name in kept} == {name: files[name] for name in kept}
+
+    assert main([*_tiny_run_args(root, run, "train.seed=1"), "--overwrite"]) == 0
+    assert RunConfig.from_file(run / "config.yaml").train.seed == 1
+    assert (run / "best.safetensors").read_bytes() != files["best.safetensors"]
+
+
+def test_without_output_dir_every_run_gets_its_own_folder(tmp_path, monkeypatch, capsys):
+    root = copy_sample(tmp_path / "data", per_class=3)
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_run_args(root, "x", "output_dir=null")  # the later --set wins: no output_dir
+    assert main(args) == 0 and main(args) == 0
+    runs = sorted((tmp_path / "runs" / "test_resnet").iterdir())
+    assert len(runs) == 2 and all((r / "best.safetensors").is_file() for r in runs)
+    assert f"run folder {runs[0].relative_to(tmp_path)}" in capsys.readouterr().err
+
+
+def test_a_phase_that_would_never_run_is_an_error_before_any_file(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=2)
+    args = _tiny_run_args(root, tmp_path / "run", "train.epochs=2")  # the finetune recipe unfreezes at epoch 3
+    assert main([*args, "--recipe", "finetune"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs is 2, so the freeze phase that starts at epoch 3 never runs" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelt_config_key_gets_a_did_you_mean(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("train:\n  epoch: 3\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.epoch: unknown key, did you mean 'epochs'? (got 3)" in err
+
+
+def test_backbones_with_no_match_exits_2_with_close_names(capsys):
+    assert main(["backbones", "mobilenetv2_10"]) == 2
+    assert "did you mean mobilenetv2_140, mobilenetv2_100" in capsys.readouterr().err
+
+
+def test_help_and_version_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tlkit.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['--version']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_evaluate_rescores_the_runs_own_split_with_tta_and_writes_a_report(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=3)
+    run = tmp_path / "run"
+    assert main(_tiny_run_args(root, run)) == 0
+    trained = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert trained["checkpoint"] == "best.safetensors" and trained["epoch"] == 1
+    assert main(["evaluate", "--checkpoint", str(run), "--split", "val", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    # The same checkpoint on the same photos: the numbers the run printed (and report.md holds).
+    assert again["n"] == trained["n"] == 3 and again["top1"] == pytest.approx(trained["top1"])
+    assert again["confusion_matrix"] == trained["confusion_matrix"]
+    report = tmp_path / "eval" / "report.md"
+    assert main(["evaluate", "--checkpoint", str(run), "--split", "val", "--tta", "hflip", "--device", "cpu",
+                 "--report", str(report)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert "TTA: hflip" in report.read_text() and "| cardboard |" in report.read_text()
+    assert main(["evaluate", "--checkpoint", str(run), "--device", "cpu"]) == 2
+    assert "give --data FOLDER or --split val" in capsys.readouterr().err
+
+
+def test_the_model_card_states_the_recorded_split(tmp_path, capsys):
+    root = copy_sample(tmp_path / "data", per_class=3)
+    assert main(_tiny_run_args(root, tmp_path / "run", "data.split_seed=7")) == 0
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert f"stratified 40% of {root} held out (split_seed 7)" in card and "not recorded" not in card
+
+
+def test_no_network_and_no_weights_is_one_line_naming_the_offline_fix(tmp_path, capsys, monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nCheck your connection")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    root = copy_sample(tmp_path / "data", per_class=2)
+    assert main(_tiny_run_args(root, tmp_path / "run", "backbone.name=resnet18", "backbone.pretrained=true")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not download pretrained weights for 'resnet18'" in err
+    assert "--set backbone.weights=PATH" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_prints_the_resolved_config_and_a_commented_template(tmp_path, capsys):
+    import yaml
+
+    assert main(["config", "--recipe", "finetune", "--set", "train.epochs=20"]) == 0
+    resolved = RunConfig.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert resolved.train.epochs == 20 and resolved.freeze.phases[0].epoch == 2  # recipe, then --set
+    assert main(["config", "--template"]) == 0
+    template = capsys.readouterr().out
+    assert "  # Stratified validation share.\n  val_fraction: 0.2\n" in template
+    (tmp_path / "run.yaml").write_text(template)  # the template is a valid config: the defaults
+    assert RunConfig.from_file(tmp_path / "run.yaml") == RunConfig()

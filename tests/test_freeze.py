@@ -228,3 +228,13 @@ def test_negative_depth_on_a_model_without_head_is_a_clear_error():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
     with pytest.raises(ValueError, match="has no classifier"):
         FreezePolicy.linear_probe().trainable_names(m)
+
+
+def test_check_epochs_names_a_phase_that_would_never_run():
+    policy = FreezePolicy.linear_probe().then(2, depth=-2).then(5, depth=0)
+    policy.check_epochs(6)  # the last phase runs in epoch 6 (index 5)
+    with pytest.raises(ValueError, match="train.epochs is 5, so the freeze phase that starts at epoch 6 never runs; "
+                                         "set train.epochs to at least 6"):
+        policy.check_epochs(5)
+    with pytest.raises(ValueError, match="starts at epoch 3 never runs; set train.epochs to at least 6"):
+        policy.check_epochs(2)

@@ -83,3 +83,24 @@ def test_sigterm_keeps_the_finished_epochs_and_says_how_to_resume(tmp_path):
     assert last.startswith("tlkit train: interrupted by SIGTERM; ") and "keeps the files of epoch" in last, err
     assert last.endswith("--resume") and "Traceback" not in err
     assert (out / "last.state.pt").is_file() and not (out / ".tlkit.lock").exists()
+
+
+def test_fit_refuses_a_folder_that_holds_a_run_until_resume_or_overwrite(tmp_path):
+    from tlkit.runlock import RUN_FILES, RunExistsError
+
+    data = ImageFolderDataset(copy_sample(tmp_path / "d", per_class=2))
+    run = tmp_path / "run"
+    tiny_tuner(data.classes, output_dir=run, epochs=1).fit(data, data)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name in RUN_FILES}
+    assert {"best.safetensors", "last.state.pt", "metrics.jsonl"} <= set(before)
+    with pytest.raises(RunExistsError, match="already holds a run") as info:
+        tiny_tuner(data.classes, output_dir=run, epochs=1).fit(data, data)
+    assert set(info.value.files) == set(before)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in RUN_FILES} == before  # untouched
+    # overwrite: the old run's files go first; a run without validation writes no best.safetensors,
+    # so none may be left over from the old run.
+    tiny_tuner(data.classes, output_dir=run, epochs=1).fit(data, None, overwrite=True)
+    assert not (run / "best.safetensors").exists() and (run / "last.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    tiny_tuner(data.classes, output_dir=run, epochs=2).fit(data, None, resume=True)  # resume extends it
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

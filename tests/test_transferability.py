@@ -76,3 +76,40 @@ def test_cli_rank_prints_one_json_line_per_backbone_best_first(tmp_path, capsys)
     assert len(rows) == 2
     assert main(["rank", "--data", str(data)]) == 2
     assert "name at least one backbone" in capsys.readouterr().err
+
+
+def test_rank_reads_each_photo_once_and_gives_each_backbone_its_own_eval_view(tmp_path, monkeypatch):
+    import tlkit.data
+    from tlkit._training.runtime import Runtime
+    from tlkit.backbone import create_backbone, resolve_data_config
+    from tlkit.data import create_transforms, eval_resize_size
+    from tlkit.transferability import _features, _prepare
+
+    data = ImageFolderDataset(copy_sample(tmp_path / "d", ("cardboard", "glass", "metal"), 3))
+    configs = [BackboneConfig(name="test_resnet", pretrained=False, data_config={"input_size": (3, 64, 64)}),
+               BackboneConfig(name="test_efficientnet", pretrained=False,
+                              data_config={"input_size": (3, 80, 96), "crop_pct": 1.0})]
+    decoded = []
+    real = tlkit.data.load_image
+    monkeypatch.setattr(tlkit.data, "load_image", lambda path, **kw: decoded.append(path) or real(path, **kw))
+    rt = Runtime(torch.device("cpu"), None, False)  # float32: compared exactly below
+    torch.manual_seed(0)
+    feats, y = _features([_prepare(c, rt) for c in configs], data, rt, batch_size=4, num_workers=0)
+    assert sorted(decoded) == sorted(p for p, _ in data.samples)  # one decode per file for both backbones
+    assert y.tolist() == [label for _, label in data.samples]
+
+    # Each backbone on its own (same seed, so the same random init), one photo at a time
+    # through its own eval transform: the same features.
+    torch.manual_seed(0)
+    models = [create_backbone(c).eval() for c in configs]
+    # One JPEG draft decode serves both: at the larger of the two eval resize sizes.
+    draft = max(eval_resize_size(resolve_data_config(m, c.data_config)) for m, c in zip(models, configs))
+    assert draft == 80
+    for config, model, f in zip(configs, models, feats):
+        _, transform = create_transforms(resolve_data_config(model, config.data_config))
+        x = torch.stack([transform(real(p, draft_size=draft)) for p, _ in data.samples])
+        assert tuple(x.shape[-2:]) == config.data_config.input_size[1:]
+        with torch.no_grad():
+            expected = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-5)
+    assert len(rank_backbones(data, configs, device="cpu", num_workers=0)) == 2

@@ -20,6 +20,9 @@ def test_wheel_installs_and_runs_the_quickstart(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
                     "-w", str(dist), "-q"], check=True, cwd=tmp_path)
     (wheel,) = dist.glob("tlkit-*.whl")
+    import zipfile
+
+    assert "tlkit/py.typed" in zipfile.ZipFile(wheel).namelist()  # PEP 561 marker ships
     # torch, timm & co. come from this environment's site-packages (a .pth line: the folder is
     # appended to sys.path but its own .pth files, the editable tlkit among them, are not run);
     # tlkit itself only from the wheel.

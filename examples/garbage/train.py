@@ -39,6 +39,7 @@ from tlkit import (
     load_datasets,
 )
 from tlkit.recipes import RECIPES
+from tlkit.runlock import check_run_folder
 
 HERE = Path(__file__).resolve().parent
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true",
                    help="train on every photo of --data (no validation split) and ship the final model; "
                         "judge it on photos of your own with `tlkit evaluate`")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -130,9 +132,10 @@ def refit(args: argparse.Namespace, config: RunConfig) -> dict:
     train = ImageFolderDataset(config.data.root)
     tuner = FineTuner.from_config(config, train.classes)
     if tuner.is_main:
+        check_run_folder(config.output_dir, overwrite=args.overwrite)  # before config.yaml replaces anything
         config.to_file(Path(config.output_dir) / "config.yaml")
     t0 = time.perf_counter()
-    tuner.fit(train, None)
+    tuner.fit(train, None, overwrite=args.overwrite)
     summary = {"recipe": args.recipe, "backbone": config.backbone.name, "train_images": len(train),
                "train_seconds": round(time.perf_counter() - t0, 1),
                "checkpoint": str(Path(config.output_dir) / "last.safetensors")}
@@ -153,9 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"backbone: {config.backbone.name} ({tuner.metadata()['backbone']['weights_source']}), "
         f"recipe: {args.recipe}, device: {tuner.device}, autocast: {tuner.amp_dtype}{world}")
     if tuner.is_main:
+        check_run_folder(config.output_dir, overwrite=args.overwrite)  # before config.yaml replaces anything
         config.to_file(Path(config.output_dir) / "config.yaml")
     t0 = time.perf_counter()
-    tuner.fit(train, val)
+    tuner.fit(train, val, overwrite=args.overwrite)
     wall = time.perf_counter() - t0
     last = tuner.evaluate(val).to_dict()  # the final model: no selection on the validation set
 

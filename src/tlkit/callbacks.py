@@ -243,6 +243,14 @@ class RunReport(Callback):
             self.facts["val_images"] = dataset_length(val)
         if hasattr(train, "root"):
             self.facts["root"] = str(train.root)
+        recorded = tuner.output_dir / "config.yaml" if tuner.output_dir is not None else None
+        if val is not None and recorded is not None and recorded.is_file():
+            from tlkit.config import RunConfig
+
+            try:  # the config tlkit train (or the example) wrote for this run, just before fit
+                self.facts["split"] = RunConfig.from_file(recorded).data.describe_split()
+            except ValueError:
+                pass  # a config this run did not write: the card says the split is not recorded
 
     def on_fit_end(self, tuner: FineTuner) -> None:
         if tuner.output_dir is not None and tuner.history and tuner.is_main:

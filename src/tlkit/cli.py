@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from tlkit._text import csv_cell, escape_control
-from tlkit.config import check_device
-from tlkit.images import MAX_BYTES, MAX_PIXELS
+from tlkit.images import MAX_BYTES, MAX_PIXELS  # numpy and PIL only: `tlkit --help` imports no torch
 
 __all__ = ["main"]
 
@@ -23,6 +22,8 @@ def _parse_override(text: str) -> str:
 
 
 def _device_arg(text: str) -> str:
+    from tlkit.config import check_device
+
     try:
         return check_device(text)
     except ValueError as e:
@@ -102,6 +103,7 @@ def _train_inputs(args: argparse.Namespace):
     from tlkit import load_datasets
 
     config = _run_config(args)
+    config = _resume_config(config) if args.resume else config.with_run_dir()
     if not timm.is_model(config.backbone.name):
         raise ValueError(f"backbone.name: unknown timm model name {config.backbone.name!r} "
                          "(`tlkit backbones PATTERN` lists the names)")
@@ -109,6 +111,51 @@ def _train_inputs(args: argparse.Namespace):
     _check_run_paths(config)
     train, val = load_datasets(config.data)
     return config, train, val
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Print the config ``tlkit train`` would use with the same ``--config``/``--recipe``/``--set``."""
+    sys.stdout.write(_run_config(args).to_yaml(comments=args.template))
+    return 0
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resume_config(config):
+    """The config of ``tlkit train --resume``: the run's recorded ``config.yaml`` must still describe it.
+
+    Settings of this machine (``train.device``, ``num_workers``, ``progress``...) may differ, and
+    ``train.epochs`` may grow (the run is extended and ``config.yaml`` rewritten); anything else
+    that differs is refused, so the folder's config never lies about its checkpoints.
+
+    Raises:
+        ValueError: no ``output_dir`` (which run?), or changed settings (each named, old -> new).
+    """
+    from tlkit._header import RUNTIME_FIELDS
+    from tlkit.config import RunConfig
+
+    if config.output_dir is None:
+        raise ValueError("--resume needs the run folder: pass --config RUN/config.yaml (it records output_dir) "
+                         "or --set output_dir=RUN")
+    recorded_file = Path(config.output_dir) / "config.yaml"
+    if not recorded_file.is_file():
+        return config
+    old, new = (_flat(c.model_dump(mode="json")) for c in (RunConfig.from_file(recorded_file), config))
+    free = {f"train.{f}" for f in RUNTIME_FIELDS} | {"train.epochs"}
+    changed = [k for k in sorted(set(old) | set(new)) if k not in free and old.get(k) != new.get(k)]
+    if changed:
+        listed = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
+        raise ValueError(f"{recorded_file}: --resume with changed settings: {listed}; resume with the recorded "
+                         f"settings (--config {recorded_file}) or train a new run (another output_dir)")
+    return config
 
 
 def _check_before_writing(tuner, train, val) -> None:
@@ -124,7 +171,8 @@ def _check_before_writing(tuner, train, val) -> None:
     """
     from tlkit import ImageFolderDataset
 
-    for epoch in [0, *(e for e in tuner.policy.boundaries() if e < tuner.config.epochs)]:
+    tuner.policy.check_epochs(tuner.config.epochs)
+    for epoch in [0, *tuner.policy.boundaries()]:
         tuner.policy.trainable_names(tuner.model, epoch)
     tuner.class_weights(train)
     for data in (train, val):
@@ -136,22 +184,47 @@ def _check_before_writing(tuner, train, val) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
-    from tlkit._training.guard import run_guard
+    from tlkit._training.guard import claim_run_folder, run_guard
 
     config, train, val = _train_inputs(args)
     tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
     _check_before_writing(tuner, train, val)
     try:
         with run_guard(tuner):  # the lock comes before config.yaml: a second run never overwrites it
-            if tuner.is_main:
-                config.to_file(Path(config.output_dir) / "config.yaml")
-            tuner.fit(train, val, resume=args.resume)
+            claim_run_folder(tuner, resume=args.resume, overwrite=args.overwrite)
+            _record_config(tuner, config, args.resume)
+            tuner.fit(train, val, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as e:
         return _interrupted(e, tuner, args)
-    metrics = tuner.evaluate(val).to_dict()  # every rank takes part; rank 0 prints
     if tuner.is_main:
-        print(json.dumps(metrics))
+        print(json.dumps(_summary(tuner)))
+        print(f"tlkit train: run folder {config.output_dir}", file=sys.stderr)
     return 0
+
+
+def _summary(tuner) -> dict:
+    """What ``tlkit train`` prints last: the shipped checkpoint's validation metrics, as report.md has them."""
+    from tlkit.report import shipped_metrics
+
+    record, metrics = shipped_metrics(tuner)  # tlkit train always validates
+    best = tuner.best.get("epoch") == record["epoch"]
+    why = f"best {tuner.config.best_metric} on the validation split" if best else "last validated epoch"
+    return {"checkpoint": "best.safetensors" if best else "last.safetensors", "epoch": record["epoch"],
+            "selected_by": why, **metrics.to_dict()}
+
+
+def _record_config(tuner, config, resume: bool) -> None:
+    """Write ``config.yaml`` for a new run; on resume only when ``train.epochs`` changed (else it stays)."""
+    from tlkit.config import RunConfig
+
+    path = Path(config.output_dir) / "config.yaml"
+    if not tuner.is_main:
+        return
+    if resume and path.is_file() and RunConfig.from_file(path).train.epochs == config.train.epochs:
+        return
+    if not resume:
+        print(f"tlkit train: run folder {config.output_dir}", file=sys.stderr)
+    config.to_file(path)
 
 
 def _interrupted(error: KeyboardInterrupt, tuner, args: argparse.Namespace) -> int:
@@ -163,8 +236,8 @@ def _interrupted(error: KeyboardInterrupt, tuner, args: argparse.Namespace) -> i
     status = exit_status(error)
     if tuner.is_main:
         name = "SIGTERM" if status == 143 else "Ctrl-C"
-        argv = [a for a in (args.argv or []) if a != "--resume"]
-        again = shlex.join(["tlkit", *argv, "--resume"])
+        # The recorded config names the run folder (a default one too) and its settings.
+        again = shlex.join(["tlkit", "train", "--config", str(Path(tuner.output_dir) / "config.yaml"), "--resume"])
         done = (f"{tuner.output_dir} keeps the files of epoch {tuner.epoch}" if tuner.epoch
                 else "no epoch had finished, nothing was saved")
         print(f"tlkit train: interrupted by {name}; {done}; continue with: {again}", file=sys.stderr)
@@ -176,13 +249,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     # Progress bars go to stderr, and only to a terminal: stdout stays one JSON object.
     _require_device(args.device)
+    if (args.data is None) == (args.split is None):
+        raise ValueError("evaluate: give --data FOLDER or --split val (the run's own validation split), not both")
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
-    data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
-    metrics = tuner.evaluate(data, batch_size=args.batch_size)
+    if args.split:
+        data = _recorded_split(Path(args.checkpoint), tuner.classes)
+    else:
+        data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
+    metrics = tuner.evaluate(data, batch_size=args.batch_size, tta=args.tta)
     out = metrics.to_dict()
     out.pop("loss", None)
     print(json.dumps(out))
+    if args.report:
+        from tlkit.report import class_report, class_report_markdown
+
+        where = f"--split val of {args.checkpoint}" if args.split else f"{args.data}"
+        text = f"# Evaluation of {args.checkpoint}\n\nData: {where}; TTA: {args.tta}.\n\n"
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text + class_report_markdown(class_report(metrics)), encoding="utf-8")
     return 0
+
+
+def _recorded_split(checkpoint: Path, classes: list[str]):
+    """The validation split a run recorded in its ``config.yaml`` (next to the checkpoint, or in the run folder)."""
+    from tlkit import RunConfig, load_datasets
+
+    config_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--split val: no {config_file}: the run's split is recorded there; "
+                                "pass --data FOLDER instead")
+    _, val = load_datasets(RunConfig.from_file(config_file).data)
+    if val.classes != classes:
+        raise ValueError(f"--split val: {config_file} names classes {val.classes}, the checkpoint {classes}")
+    return val
 
 
 def _expand(patterns: list[str]) -> list[Path]:
@@ -376,7 +475,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
     candidates = _rank_candidates(args)
     data = ImageFolderDataset(args.data)
-    results = rank_backbones(data, candidates, batch_size=args.batch_size, device=args.device)
+    results = rank_backbones(data, candidates, batch_size=args.batch_size, device=args.device,
+                             num_workers=args.workers)
     if args.format == "json":
         for r in results:
             print(json.dumps(r.to_dict()))
@@ -391,6 +491,12 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     import timm
 
     names = timm.list_models(args.pattern or "*", pretrained=args.pretrained)
+    if not names:
+        import difflib
+
+        close = difflib.get_close_matches(args.pattern, timm.list_models(pretrained=args.pretrained), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; patterns are globs, e.g. '*mobilenet*'"
+        raise ValueError(f"no timm model matches {args.pattern!r}{hint}")
     for name in names:
         offline = _offline_weights(name.split(".")[0]) if args.offline or args.pattern else ""
         if args.offline and not offline:
@@ -413,14 +519,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that read a RunConfig or data folder: train, lr-find, rank, backbones."""
+    """Commands that read a RunConfig or data folder: train, config, lr-find, rank, backbones."""
     p = sub.add_parser("train", help="train from a YAML/JSON RunConfig (also under torchrun: DDP, batch_size per process)")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 --set data.root=photos")
     p.add_argument("--recipe", help="apply a named recipe (linear-probe, finetune, finetune-strong, scratch) to the config; --set values win")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.state.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (without it, or --resume, such a folder is refused)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved RunConfig as YAML (--template: every field, commented)")
+    p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json); default: the defaults")
+    p.add_argument("--recipe", help="apply a named recipe first")
+    p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE")
+    p.add_argument("--template", action="store_true", help="each field's description as a comment above it")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("lr-find", help="learning-rate range test on a RunConfig's training data")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
@@ -440,6 +555,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbones", type=Path, help="YAML/JSON list of backbone configs (name, weights, model_kwargs, data_config)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1,
+                   help="loader processes that decode the images once for every backbone (default 1; 0: none)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_rank)
 
@@ -454,7 +571,10 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that read a checkpoint: evaluate, predict, export, demo."""
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on an image folder; prints one JSON object")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
-    p.add_argument("--data", required=True, help="folder with one sub-folder per class (names as in the checkpoint)")
+    p.add_argument("--data", help="folder with one sub-folder per class (names as in the checkpoint)")
+    p.add_argument("--split", choices=["val"], help="evaluate on the run's own validation split (from its config.yaml)")
+    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none", help="test-time augmentation")
+    p.add_argument("--report", type=Path, help="also write the per-class report (Markdown) here")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
     p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_cmd_evaluate)
@@ -498,12 +618,20 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _one_line(errors: list[dict]) -> str:
-    """pydantic's errors as ``field: message (got value)``, joined by ``; `` (its str is 4 lines each)."""
+def _one_line(errors: list[dict], root: type | None = None) -> str:
+    """pydantic's errors as ``field: message (got value)``, joined by ``; `` (its str is 4 lines each).
+
+    An unknown key of ``root`` (the model validated) gets the closest field names.
+    """
+    from tlkit._strict import close_keys
+
     parts = []
     for err in errors:
         field = ".".join(str(x) for x in err["loc"]) or "config"
         message, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        close = close_keys(root, tuple(err["loc"])) if root is not None and err["type"] == "extra_forbidden" else []
+        if close:
+            message = f"unknown key, did you mean {' or '.join(repr(c) for c in close)}?"
         # The value, unless the message quotes it already or it is a long section.
         quiet = "got " in message or isinstance(value, (dict, list)) and len(repr(value)) > 60
         parts.append(f"{field}: {message}" + ("" if quiet else f" (got {repr(value)[:60]})"))
@@ -512,22 +640,26 @@ def _one_line(errors: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input, with the reason on stderr)."""
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help and --version stay fast
     from pydantic import ValidationError
 
+    from tlkit.backbone import HubDownloadError
     from tlkit.checkpoint import CheckpointError
-
     from tlkit.distributed import destroy_distributed
-
     from tlkit._training.runfiles import RunFileError
     from tlkit.runlock import OutputDirError, RunLockedError
 
-    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError, RunLockedError,
-            OutputDirError) as e:
-        message = _one_line(e.errors(include_url=False)) if isinstance(e, ValidationError) else str(e)
+            OutputDirError, HubDownloadError) as e:
+        if isinstance(e, ValidationError):
+            from tlkit.config import RunConfig
+
+            message = _one_line(e.errors(include_url=False), RunConfig if e.title == "RunConfig" else None)
+        else:
+            message = str(e)
         # Messages quote file names, class names and config values: never raw control characters.
         print(f"tlkit {args.command}: error: {escape_control(message, keep=chr(10))}", file=sys.stderr)
         return 2

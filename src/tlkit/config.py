@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -334,6 +335,14 @@ class DatasetConfig(StrictModel):
     _whole = field_validator("split_seed", "num_folds", "fold", mode="before")(whole_number)
     _paths = field_validator("root", "val_root")(_no_nul)
 
+    def describe_split(self) -> str:
+        """The validation split in words, for reports and model cards."""
+        if self.val_root is not None:
+            return f"validation folder {self.val_root}"
+        if self.num_folds is not None:
+            return f"fold {self.fold + 1} of {self.num_folds} stratified folds (split_seed {self.split_seed})"
+        return f"stratified {self.val_fraction:.0%} of {self.root} held out (split_seed {self.split_seed})"
+
     @field_validator("classes")
     @classmethod
     def _folder_names(cls, v: list[str] | None) -> list[str] | None:
@@ -435,11 +444,16 @@ class TrainConfig(StrictModel):
     flush_denormal: bool = Field(
         True, description="On CPU, flush subnormal floats to zero during fit/evaluate/predict (restored after)."
     )
-    progress: bool = Field(
+    progress: bool | Literal["epochs"] = Field(
         True,
-        description="Print progress: one plain line per epoch, plus tqdm bars when the output is a terminal "
-        "(a pipe or a log file never gets bar frames); False prints nothing.",
+        description="Print progress: True, one plain line per epoch plus tqdm bars when the output is a "
+        "terminal (a pipe or a log file never gets bar frames); 'epochs', the epoch lines only; False, nothing.",
     )
+
+    @property
+    def bars(self) -> bool:
+        """Whether tqdm bars may show (on a terminal only): ``progress`` is True."""
+        return self.progress is True
     feature_cache: bool = Field(
         False,
         description="In epochs where only the classifier trains, compute the frozen backbone's "
@@ -662,6 +676,23 @@ def _read_config_text(path: Path) -> str:
                           f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
 
 
+def _commented(model: type, data: dict[str, Any], depth: int) -> list[str]:
+    """YAML lines for ``data`` (a dump of ``model``), each field's description as a comment above it."""
+    pad, lines = "  " * depth, []
+    for name, value in data.items():
+        info = model.model_fields.get(name)
+        sub = getattr(info, "annotation", None)
+        if info is not None and info.description:
+            lines.append(f"{pad}# {info.description}")
+        if isinstance(value, dict) and value and isinstance(sub, type) and issubclass(sub, StrictModel):
+            lines.append(f"{pad}{name}:")
+            lines += _commented(sub, value, depth + 1)
+        else:
+            text = yaml.safe_dump({name: value}, sort_keys=False, default_flow_style=True, width=10**6).strip()
+            lines.append(pad + text.removeprefix("{").removesuffix("}"))
+    return lines
+
+
 class RunConfig(StrictModel):
     """Everything one training run needs; what ``tlkit train --config run.yaml`` reads."""
 
@@ -670,7 +701,10 @@ class RunConfig(StrictModel):
     freeze: FreezePolicy = Field(default_factory=FreezePolicy)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DatasetConfig = Field(default_factory=DatasetConfig)
-    output_dir: Path = Path("runs/latest")
+    output_dir: Path | None = Field(
+        None, description="The run folder. None: a new folder for every run, "
+        "runs/<backbone.name>/<YYYYmmdd-HHMMSS> (see RunConfig.with_run_dir); a folder that holds a "
+        "run is refused unless resumed or overwritten.")
 
     _paths = field_validator("output_dir")(_no_nul)
 
@@ -725,6 +759,28 @@ class RunConfig(StrictModel):
                     raise ValueError(f"override {item!r}: {k!r} is not a section")
             node[last] = parse_yaml(value, f"override {item!r}")
         return type(self).model_validate(data)
+
+    def with_run_dir(self, root: str | Path = "runs") -> RunConfig:
+        """This config with ``output_dir`` set: itself when set, else a folder no run uses yet.
+
+        The new folder is ``<root>/<backbone.name>/<YYYYmmdd-HHMMSS>`` (local time), with ``-2``,
+        ``-3``... appended when a run started in the same second; it is not created here.
+        """
+        if self.output_dir is not None:
+            return self
+        base = Path(root) / self.backbone.name.replace(":", "_").replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return self.model_copy(update={"output_dir": path})
+
+    def to_yaml(self, comments: bool = False) -> str:
+        """This config as YAML; with ``comments``, each field's description above it (a template)."""
+        data = self.model_dump(mode="json")
+        if not comments:
+            return yaml.safe_dump(data, sort_keys=False)
+        return "\n".join(_commented(type(self), data, 0)) + "\n"
 
     def to_file(self, path: str | Path) -> Path:
         """Write YAML or JSON by suffix; returns the path."""

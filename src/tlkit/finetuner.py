@@ -20,7 +20,7 @@ from tlkit._training import state as run_state
 from tlkit._training.cached import cached_features
 from tlkit._training.ddp import DDPWrapper, prepare_model_for_ddp
 from tlkit._training.defaults import default_callbacks
-from tlkit._training.guard import run_guard
+from tlkit._training.guard import claim_run_folder, run_guard
 from tlkit._training.inference import Prediction, evaluate_loader, predict_batches
 from tlkit._training.loaders import eval_loader, prepare_dataset
 from tlkit._training.loading import choose_classes, read_header
@@ -180,10 +180,12 @@ class FineTuner:
 
         The new head (and a random-init backbone) is initialised under ``config.train.seed``,
         so the same config gives the same initial weights; the caller's RNG is left as it was.
+        Without ``config.output_dir`` the run gets a new folder (`RunConfig.with_run_dir`).
 
         Raises:
             ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
         """
+        config = config.with_run_dir()  # output_dir None: a new folder per run
         head = config.head.model_copy(update={"num_classes": config.head.num_classes or len(classes)})
         with seeded(config.train.seed)():
             model = create_backbone(config.backbone)
@@ -236,7 +238,8 @@ class FineTuner:
         return cached_features(self, data, view)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, train: Any, val: Any = None, *, resume: bool | str | Path = False) -> list[dict[str, Any]]:
+    def fit(self, train: Any, val: Any = None, *, resume: bool | str | Path = False,
+            overwrite: bool = False) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` epochs, evaluating on ``val`` after each.
 
         At the start of every epoch the `FreezePolicy` is applied; at a phase boundary
@@ -258,6 +261,9 @@ class FineTuner:
             resume: ``True`` to continue from ``output_dir/last.state.pt`` (when the folder holds
                 no run files at all, as after a crash in the first epoch, training starts at
                 epoch 1), or a path to a ``.state.pt`` file.
+            overwrite: start a new run in an ``output_dir`` that holds another run's files,
+                deleting them first (`tlkit.runlock.RUN_FILES`). Without it (and without
+                ``resume``) such a folder is refused, so a finished run is never lost.
 
         Returns:
             One dict per epoch: ``epoch`` (its 1-based number), ``train_loss``, ``val_loss``,
@@ -275,6 +281,8 @@ class FineTuner:
                 completed epoch are left as they were.
             CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
             RunLockedError: another process trains into ``output_dir`` (names it), before any work.
+            RunExistsError: (a ``ValueError``) ``output_dir`` holds a run and neither ``resume``
+                nor ``overwrite`` is set, before any work.
             OutputDirError: ``output_dir`` cannot be created or written, before any work.
             RunFileError: writing a run file failed (disk full...): one line naming the file and
                 what is kept; the files of the last completed epoch stay.
@@ -283,6 +291,7 @@ class FineTuner:
         """
         loop = FitLoop(self, train, val, default_callbacks(self, self.callbacks))
         with run_guard(self), self.runtime.cpu_flags():
+            claim_run_folder(self, resume=resume, overwrite=overwrite)
             return loop.run(resume)
 
     def lr_find(self, train: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
@@ -343,7 +352,7 @@ class FineTuner:
                                       worker_init_fn=self.worker_init_fn)
         with self.runtime.cpu_flags():
             return evaluate_loader(self.model, self.forward_module(), loader, self.classes, self.runtime,
-                                   sharded=sharded, tta=tta, progress=self.config.progress and self.is_main)
+                                   sharded=sharded, tta=tta, progress=self.config.bars and self.is_main)
 
     def prepare_input(self, item: Any, max_pixels: int | None = MAX_PIXELS, max_bytes: int | None = MAX_BYTES) -> torch.Tensor:
         """One model input, float32 ``(3, H, W)``: a file or PIL image through the eval transform, a tensor as is.
@@ -396,7 +405,7 @@ class FineTuner:
         with self.runtime.cpu_flags():
             return predict_batches(self.model, items, lambda it: self.prepare_input(it, max_pixels, max_bytes),
                                    self.classes, self.runtime, batch_size or self.eval_batch_size, tta=tta,
-                                   progress=self.config.progress and self.is_main)
+                                   progress=self.config.bars and self.is_main)
 
     # -- persistence ----------------------------------------------------------------------------
     def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -288,6 +288,17 @@ class FreezePolicy(StrictModel):
         """Epochs at which a phase starts."""
         return [p.epoch for p in self.phases]
 
+    def check_epochs(self, epochs: int) -> None:
+        """Fail if a phase starts at or after the last epoch of an ``epochs``-long run (it would never run).
+
+        Raises:
+            ValueError: names the phase's first epoch (1-based) and the fix.
+        """
+        late = [e for e in self.boundaries() if e >= epochs]
+        if late:
+            raise ValueError(f"train.epochs is {epochs}, so the freeze phase that starts at epoch {late[0] + 1} "
+                             f"never runs; set train.epochs to at least {late[-1] + 1}, or start the phase earlier")
+
     def trainable_names(self, model: nn.Module, epoch: int = 0) -> set[str]:
         """The exact set of parameter names that train at ``epoch``.
 

@@ -65,9 +65,11 @@ class ProtocolResult:
 def _run_once(config: RunConfig, label: Any, log: Callable[[str], None]) -> dict[str, Any]:
     from tlkit.data import load_datasets
     from tlkit.finetuner import FineTuner
+    from tlkit.runlock import check_run_folder
 
     train, val = load_datasets(config.data)
     tuner = FineTuner.from_config(config, train.classes)
+    check_run_folder(config.output_dir)  # before config.yaml: a finished run is never touched
     config.to_file(Path(config.output_dir) / "config.yaml")
     t0 = time.perf_counter()
     tuner.fit(train, val)
@@ -99,6 +101,7 @@ def cross_validate(
         ValueError: as `tlkit.stratified_kfold` and `tlkit.load_datasets`.
     """
     result = ProtocolResult(name=f"{num_folds}-fold")
+    config = config.with_run_dir()
     for fold in folds if folds is not None else range(num_folds):
         data = DatasetConfig.model_validate({**config.data.model_dump(), "num_folds": num_folds, "fold": fold})
         run_cfg = config.model_copy(update={"data": data, "output_dir": Path(config.output_dir) / f"fold-{fold}"})
@@ -122,6 +125,7 @@ def repeat_seeds(
         `ProtocolResult` named ``"seeds <list>"``.
     """
     result = ProtocolResult(name="seeds " + ",".join(map(str, seeds)))
+    config = config.with_run_dir()
     for seed in seeds:
         run_cfg = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed}),
                                             "output_dir": Path(config.output_dir) / f"seed-{seed}"})

@@ -33,6 +33,7 @@ __all__ = [
     "model_card",
     "plot_confusion_matrix",
     "plot_training_curves",
+    "shipped_metrics",
     "write_run_report",
 ]
 
@@ -192,6 +193,20 @@ def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | 
     return "\n".join(lines) + "\n"
 
 
+def shipped_metrics(tuner: FineTuner) -> tuple[dict[str, Any], ClassificationMetrics] | None:
+    """The validation record and metrics of the checkpoint a run folder ships, or ``None`` (no validation).
+
+    That is the best epoch (``tuner.best``, what ``best.safetensors`` holds and `FineTuner.load`
+    loads), else the last validated one. The report, the model card and ``tlkit train``'s
+    summary all describe this one.
+    """
+    records = [r for r in tuner.history if "confusion_matrix" in r]
+    if not records:
+        return None
+    record = next((r for r in records if r["epoch"] == tuner.best.get("epoch")), records[-1])
+    return record, ClassificationMetrics(tuner.classes, torch.tensor(record["confusion_matrix"]), record.get("val_loss"))
+
+
 def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write the plots, ``report.md`` / ``report.json`` and ``MODEL_CARD.md`` for a finished run.
 
@@ -208,12 +223,10 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
         matplotlib is not installed.
     """
     out = Path(out_dir)
-    records = [r for r in tuner.history if "confusion_matrix" in r]
     written: dict[str, Path] = {}
-    if records:
-        best = tuner.best.get("epoch")
-        record = next((r for r in records if r["epoch"] == best), records[-1])
-        metrics = ClassificationMetrics(tuner.classes, torch.tensor(record["confusion_matrix"]), record.get("val_loss"))
+    shipped = shipped_metrics(tuner)
+    if shipped is not None:
+        record, metrics = shipped
         report = {**class_report(metrics), "epoch": record["epoch"]}
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", (f"# Validation report (epoch {record['epoch']})\n\n"
@@ -221,7 +234,7 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
         atomic_write_bytes(out / "MODEL_CARD.md", model_card(tuner, report, data).encode())
         written.update(report_json=out / "report.json", report_md=out / "report.md", model_card=out / "MODEL_CARD.md")
     try:
-        if records:
+        if shipped is not None:
             written["confusion_matrix"] = plot_confusion_matrix(metrics, out / "confusion_matrix.png")
         if tuner.history:
             written["curves"] = plot_training_curves(tuner.history, out / "curves.png", tuner.policy.boundaries())

@@ -57,7 +57,7 @@ try:
 except ImportError:  # POSIX
     msvcrt = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "OutputDirError", "RunLock", "RunLockedError", "held_lock"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "OutputDirError", "RunExistsError", "RunLock", "RunLockedError", "check_run_folder", "held_lock", "run_files_in"]
 
 LOCK_NAME = ".tlkit.lock"
 _WINDOWS_LOCK_OFFSET = 1 << 30  # a locked region cannot be read by others on Windows: lock past the content
@@ -79,6 +79,52 @@ class RunLockedError(RuntimeError):
         super().__init__(message)
         self.folder = folder
         self.holder = holder
+
+
+RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl", "report.json", "report.md",
+             "MODEL_CARD.md", "curves.png", "confusion_matrix.png")
+"""The files a training run writes into its folder (``config.yaml`` aside: the CLI writes it first)."""
+
+
+def run_files_in(folder: str | Path) -> list[str]:
+    """The names of `RUN_FILES` that exist in ``folder`` (none when it does not exist)."""
+    return [name for name in RUN_FILES if (Path(folder) / name).exists()]
+
+
+def check_run_folder(folder: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Make sure a new run may start in ``folder``: no other run's files, or ``overwrite``.
+
+    Call it before writing anything of the new run (a ``config.yaml``); `FineTuner.fit` calls it
+    itself. With ``overwrite`` the old run's `RUN_FILES` are deleted (stale ones would lie about
+    the new run, such as a ``best.safetensors`` it never wrote).
+
+    Returns:
+        The names of the files deleted.
+
+    Raises:
+        RunExistsError: ``folder`` holds run files and ``overwrite`` is false.
+    """
+    found = run_files_in(folder)
+    if found and not overwrite:
+        raise RunExistsError(Path(folder), found)
+    for name in found:
+        (Path(folder) / name).unlink()
+    return found
+
+
+class RunExistsError(ValueError):
+    """The run folder holds another run's files and neither resume nor overwrite was asked for.
+
+    Attributes:
+        folder: the run folder.
+        files: the run files found there.
+    """
+
+    def __init__(self, folder: Path, files: list[str]):
+        super().__init__(f"{folder} already holds a run ({', '.join(files)}); continue it with --resume "
+                         "(Python: fit(resume=True)), replace it with --overwrite (fit(overwrite=True)), "
+                         "or choose another output_dir")
+        self.folder, self.files = folder, files
 
 
 class OutputDirError(OSError):

@@ -6,7 +6,7 @@ features to each one-hot label column, maximised over its prior and noise precis
 MacKay's fixed-point updates, averaged over classes and divided by the number of images. Higher
 means the features separate the classes more linearly, so fine-tuning tends to go further.
 `probe_accuracy` (a logistic-regression linear probe on a held-out share) is the baseline
-measure. `rank_backbones` extracts each backbone's pooled features once and scores them.
+measure. `rank_backbones` reads the images once, extracts every backbone's pooled features and scores them.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class RankResult:
         logme: `logme` of its features (higher is better).
         probe_top1: `probe_accuracy` of its features, in [0, 1].
         num_features: feature width ``D``.
-        seconds: feature extraction plus scoring, wall time.
+        seconds: this backbone's build, forward passes and scoring, wall time (shared decoding excluded).
     """
 
     name: str
@@ -139,46 +139,98 @@ class RankResult:
         return asdict(self)
 
 
-def _features(backbone: BackboneConfig, data: ImageFolderDataset, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+class _Views:
+    """Applies every backbone's eval transform to one decoded image: a tuple of input tensors."""
+
+    def __init__(self, transforms: Sequence) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image) -> tuple[torch.Tensor, ...]:
+        return tuple(t(image) for t in self.transforms)
+
+
+@dataclass
+class _Candidate:
+    model: torch.nn.Module
+    transform: object
+    draft: int
+    source: str
+    seconds: float  # this backbone's own time so far: build, forward passes, scoring
+
+
+def _prepare(backbone: BackboneConfig, rt) -> _Candidate:
     from tlkit.backbone import create_backbone, resolve_data_config
     from tlkit.data import create_transforms, eval_resize_size
-    from tlkit.features import extract_features
-    from tlkit._training.loaders import eval_loader
-    from tlkit._training.runtime import Runtime, resolve_device, resolve_precision
 
-    model = create_backbone(backbone)
+    t0 = time.perf_counter()
+    model = create_backbone(backbone).eval()
+    channels_last = rt.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    model = model.to(rt.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     data_config = resolve_data_config(model, backbone.data_config)
     _, transform = create_transforms(data_config)
-    dev = resolve_device(device)
-    rt = Runtime(dev, resolve_precision("auto", dev), any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
-    model = model.to(dev, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    loader, _ = eval_loader(data.with_transform(transform, eval_resize_size(data_config)), batch_size,
-                            dist=None, num_workers=0, device=dev)
-    with torch.no_grad(), rt.cpu_flags():
-        f, y = extract_features(model, loader, rt.to_device, rt.autocast)
     source = backbone.weights.name if backbone.weights is not None else ("hub" if backbone.pretrained else "random")
-    return f, y, source
+    return _Candidate(model, transform, eval_resize_size(data_config), source, time.perf_counter() - t0)
 
 
-def rank_backbones(data: ImageFolderDataset, backbones: Sequence[BackboneConfig], *, batch_size: int = 16, device: str = "auto") -> list[RankResult]:
+def _features(candidates: list[_Candidate], data: ImageFolderDataset, rt, batch_size: int,
+              num_workers: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every candidate's pooled features from one pass over the images: each file is decoded once."""
+    from tlkit._training.loaders import eval_loader
+
+    # One decode serves every backbone: decoded at the largest size any eval transform needs.
+    views = data.with_transform(_Views([c.transform for c in candidates]), max(c.draft for c in candidates))
+    loader, _ = eval_loader(views, batch_size, dist=None, num_workers=num_workers, device=rt.device)
+    feats: list[list[torch.Tensor]] = [[] for _ in candidates]
+    labels = []
+    with torch.no_grad(), rt.cpu_flags():
+        for batch in loader:
+            if batch is None:  # every file of the batch failed to load (skip_none_collate)
+                continue
+            xs, y = batch
+            labels.append(torch.as_tensor(y))
+            for c, x, out in zip(candidates, xs, feats):
+                t0 = time.perf_counter()
+                with rt.autocast():
+                    f = c.model.forward_head(c.model.forward_features(rt.to_device(x)), pre_logits=True)
+                out.append(f.float().cpu())
+                c.seconds += time.perf_counter() - t0
+    return [torch.cat(f) for f in feats], torch.cat(labels)
+
+
+def rank_backbones(data: ImageFolderDataset, backbones: Sequence[BackboneConfig], *, batch_size: int = 16,
+                   device: str = "auto", num_workers: int = 1) -> list[RankResult]:
     """Score each backbone on ``data`` from its frozen pooled features, best LogME first.
+
+    All backbones are built first and the images are read in one pass: each file is decoded
+    once (in ``num_workers`` loader processes, overlapping the forward passes) and every
+    backbone's own eval transform is applied to it. All models are held in memory together.
 
     Args:
         data: an `ImageFolderDataset` (every image is used once, with each backbone's eval transform).
         backbones: `BackboneConfig` objects (weights from a file, the hub, or random).
         batch_size: images per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        num_workers: loader processes that decode and transform (0: in this process).
 
     Returns:
-        One `RankResult` per backbone, sorted by `RankResult.logme`, highest first.
+        One `RankResult` per backbone, sorted by `RankResult.logme`, highest first. Its
+        ``seconds`` is that backbone's own time (build, forward passes, scoring); the shared
+        decoding is not split among them.
 
     Raises:
         ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
     """
+    from tlkit._training.runtime import Runtime, resolve_device, resolve_precision
+
+    if not backbones:
+        raise ValueError("rank_backbones needs at least one backbone")
+    dev = resolve_device(device)
+    rt = Runtime(dev, resolve_precision("auto", dev), True)
+    candidates = [_prepare(b, rt) for b in backbones]
+    feats, y = _features(candidates, data, rt, batch_size, num_workers)
     out = []
-    for backbone in backbones:
+    for backbone, c, f in zip(backbones, candidates, feats):
         t0 = time.perf_counter()
-        f, y, source = _features(backbone, data, batch_size, device)
-        out.append(RankResult(backbone.name, source, logme(f, y), probe_accuracy(f, y), f.shape[1],
-                              time.perf_counter() - t0))
+        scores = logme(f, y), probe_accuracy(f, y)
+        out.append(RankResult(backbone.name, c.source, *scores, f.shape[1], c.seconds + time.perf_counter() - t0))
     return sorted(out, key=lambda r: -r.logme)

@@ -44,7 +44,7 @@ def cached_features(tuner: FineTuner, data: ImageFolderDataset, view: int | None
         dataset = prepare_dataset(data, tuner.classes, transform, tuner.draft_size if view is None else None)
         loader, sharded = eval_loader(dataset, tuner.eval_batch_size, dist=tuner.dist,
                                       num_workers=tuner.config.num_workers, device=rt.device)
-        bar = (lambda it: tqdm(it, desc="features", leave=False, disable=None)) if tuner.config.progress and tuner.is_main else None
+        bar = (lambda it: tqdm(it, desc="features", leave=False, disable=None)) if tuner.config.bars and tuner.is_main else None
         with ctx() if ctx else contextlib.nullcontext():
             features = extract_features(tuner.model, loader, rt.to_device, rt.autocast, bar)
         return gather_shards(features, len(dataset)) if sharded else features

@@ -16,7 +16,7 @@ __all__ = ["default_callbacks"]
 def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
     """The built-in callbacks a `TrainConfig` asks for, then the user's, in that order."""
     cfg = tuner.config
-    built: list[Callback] = [ProgressBar(), EpochLogger()] if cfg.progress else []
+    built: list[Callback] = ([ProgressBar()] if cfg.bars else []) + ([EpochLogger()] if cfg.progress else [])
     if cfg.early_stopping_patience is not None:
         built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
     built.append(RunReport())

@@ -1,4 +1,5 @@
-"""What holds for a whole run: one writer per run folder, and SIGTERM handled like Ctrl-C."""
+"""What holds for a whole run: one writer per run folder, a finished run never overwritten unasked,
+and SIGTERM handled like Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from typing import TYPE_CHECKING
 
 from tlkit._training.signals import interrupt_on_signals
 from tlkit.distributed import broadcast_object
-from tlkit.runlock import OutputDirError, RunLock, RunLockedError, held_lock
+from tlkit.runlock import OutputDirError, RunExistsError, RunLock, RunLockedError, check_run_folder, held_lock
 
 if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
 
-__all__ = ["run_lock", "run_guard"]
+__all__ = ["claim_run_folder", "run_lock", "run_guard"]
 
 _guarded: set[str] = set()  # run folders this process is inside a run_lock block for, on every rank
 
@@ -66,3 +67,28 @@ def run_guard(tuner: FineTuner) -> Iterator[None]:
     """`run_lock` plus SIGTERM raising `TrainingInterrupted` (a ``KeyboardInterrupt``), restored after."""
     with interrupt_on_signals(), run_lock(tuner):
         yield
+
+
+def claim_run_folder(tuner: FineTuner, *, resume: bool | str | Path = False, overwrite: bool = False) -> None:
+    """Refuse to start a new run over another run's files; with ``overwrite``, delete them first.
+
+    Called under the run's lock, before anything is written. Resuming (``resume`` true) keeps
+    the files: the loop continues from them. Decided on the main process; under torchrun every
+    rank raises the same error.
+
+    Raises:
+        RunExistsError: ``output_dir`` holds `tlkit.runlock.RUN_FILES`, ``resume`` and ``overwrite`` are false.
+    """
+    out = tuner.output_dir
+    if out is None or resume:
+        return
+    refused: list[str] = []
+    if tuner.is_main:
+        try:
+            check_run_folder(out, overwrite=overwrite)
+        except RunExistsError as e:
+            refused = e.files
+    if tuner.dist is not None:
+        refused = broadcast_object(refused)
+    if refused:
+        raise RunExistsError(Path(out), refused)

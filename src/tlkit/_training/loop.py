@@ -79,6 +79,7 @@ class FitLoop:
         weights = class_weights(cfg.class_weights, t.classes, self.train, t.runtime.device)
         self.criterion, self.mixup = build_criterion(cfg, weights, len(t.classes))
         seed_everything(cfg.seed + (t.dist.rank if t.dist else 0))  # as timm: seed + rank
+        t.policy.check_epochs(cfg.epochs)
         for e in [0, *t.policy.boundaries()]:  # fail before any work if a phase is unusable
             t.policy.trainable_names(t.model, e)
         self.use_cache = self._can_use_cache()
@@ -111,6 +112,11 @@ class FitLoop:
             start = run_state.restore(t, path, self.callbacks) if path is not None else 0
         if t.history and t.history[-1].get("early_stop"):
             start = cfg.epochs  # the resumed run had already stopped early
+        if resume and start and t.is_main:
+            done = t.history[-1]["epoch"] if t.history else start
+            tqdm.write(f"resume: {t.output_dir or path} " + (f"continues after epoch {done} of {cfg.epochs}"
+                       if start < cfg.epochs else f"is complete ({done} of {cfg.epochs} epochs); nothing to train"),
+                       file=sys.stderr)
         self.step = TrainStep(t.model, t.optimizer, t.runtime, self.criterion, scaler=t.scaler,
                               grad_clip_norm=cfg.grad_clip_norm, mixup=self.mixup, ema=t.ema, dist=t.dist)
         return start
@@ -208,7 +214,7 @@ class FitLoop:
         loader, sharded = eval_loader(data, bs, dist=t.dist, num_workers=self.cfg.num_workers, device=rt.device,
                                       worker_init_fn=t.worker_init_fn)
         m = evaluate_loader(judged, forward, loader, t.classes, rt, sharded=sharded,
-                            progress=self.cfg.progress and t.is_main)
+                            progress=self.cfg.bars and t.is_main)
         if not math.isfinite(m.loss):
             raise FloatingPointError(f"validation loss is {m.loss} at epoch {record['epoch']}; {self._kept()}")
         record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,

@@ -64,7 +64,7 @@ def _sweep(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, num_ste
     result = LRFinderResult(lrs=[], losses=[])
     avg, best, k = 0.0, math.inf, 0
     tuner.model.train()
-    bar = tqdm(total=num_steps, desc="lr_find", leave=False, disable=None if cfg.progress and tuner.is_main else True)
+    bar = tqdm(total=num_steps, desc="lr_find", leave=False, disable=None if cfg.bars and tuner.is_main else True)
     while k < num_steps and not result.diverged:
         batches = 0
         for x, y in _batches(dataset, cfg, k, rt.device):
