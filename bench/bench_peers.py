@@ -187,7 +187,7 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
     from tlkit.data import ImageFolderDataset
 
     sys.path.insert(0, str(ROOT / "examples" / "garbage"))
-    from train import flagship_data_config  # the flagship example's preprocessing for the recipe
+    from train import flagship_data_config, flagship_train_settings  # the flagship example's settings
 
     full = ImageFolderDataset(split["data"], classes=split["classes"])
     index = {str(p): i for i, (p, _) in enumerate(full.samples)}
@@ -197,7 +197,8 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
     backbone = backbone.model_copy(update={"data_config": flagship_data_config(backbone.data_config, recipe)})
     config = apply_recipe(RunConfig(backbone=backbone, data=DatasetConfig(root=split["data"]),
                                     output_dir=out / "run"), recipe)
-    train = {"progress": False} | ({"epochs": epochs, "warmup_epochs": min(1.0, epochs)} if epochs else {})
+    train = {"progress": False, **flagship_train_settings(recipe)}
+    train |= {"epochs": epochs, "warmup_epochs": min(1.0, epochs)} if epochs else {}
     config = config.model_copy(update={"train": config.train.model_copy(update=train)})
     tuner = FineTuner.from_config(config, full.classes)
     t0 = time.perf_counter()
@@ -208,7 +209,8 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
     dc = tuner.data_config
     return {"pred": pred, "train_seconds": seconds,
             "settings": f"tlkit {recipe} ({config.train.epochs} epochs), eval view {dc['input_size'][1]}x"
-                        f"{dc['input_size'][2]} {dc['crop_mode']}, autocast {tuner.amp_dtype}, final model"}
+                        f"{dc['input_size'][2]} {dc['crop_mode']}, autocast {tuner.amp_dtype}, "
+                        f"{config.train.num_workers} loader workers, final model"}
 
 
 def row_fastai(split: dict, out: Path, epochs: int) -> dict:
