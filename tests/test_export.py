@@ -76,3 +76,50 @@ def test_export_creates_missing_parent_folders(tmp_path):
     assert onnx_path.is_file() and not list(onnx_path.parent.glob(".*.tmp"))
     ts_path = export_torchscript(tuner.model, tmp_path / "other" / "m.pt", (3, 64, 64))
     assert ts_path.is_file()
+
+
+def test_torch_export_of_same_padded_mobilenet_has_a_dynamic_batch_and_matches(tmp_path):
+    import timm
+
+    from tlkit import HeadReplacer
+    from tlkit.export import check_torch_export, export_torch
+
+    model = HeadReplacer(3).apply(timm.create_model("mobilenetv2_050", pad_type="same"))
+    with torch.no_grad():  # BatchNorm statistics that are not the identity: they must survive export
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = export_torch(model, tmp_path / "m.pt2", (3, 96, 96), metadata={"classes": CLASSES})
+    extra = {"tlkit.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    assert json.loads(extra["tlkit.json"])["classes"] == CLASSES
+    for batch in (1, 5):  # not the traced batch of 2
+        x = torch.randn(batch, 3, 96, 96)
+        assert program.module()(x).shape == (batch, 3)
+        assert check_torch_export(path, model, x) <= 1e-4
+
+
+def test_torchscript_export_leaks_no_deprecation_warnings(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_torchscript(tiny_tuner(CLASSES).model, tmp_path / "m.pt", (3, 64, 64))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_cli_export_reads_the_check_photos_before_writing_and_accepts_plain_folders(tmp_path, capsys):
+    tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
+    args = ["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "torch-export",
+            "--output", str(tmp_path / "m.pt2")]
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--check", str(tmp_path / "empty")]) == 2
+    assert "folder holds no image" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
+    plain = tmp_path / "plain"  # photos without class sub-folders
+    plain.mkdir()
+    for p in list(copy_sample(tmp_path / "data", CLASSES, 1).rglob("*.jpg")):
+        p.rename(plain / p.name)
+    assert main([*args, "--check", str(plain)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "torch-export" and out["checked_images"] == 3 and out["max_abs_logit_diff"] <= 1e-4

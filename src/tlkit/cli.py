@@ -374,28 +374,39 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from tlkit import FineTuner, ImageFolderDataset
-    from tlkit.export import check_onnx, export_onnx, export_torchscript
+    from tlkit import FineTuner
+    from tlkit.export import check_onnx, check_torch_export, export_onnx, export_torch, export_torchscript
 
     tuner = FineTuner.load(args.checkpoint, device="cpu", progress=False)
     meta = {"classes": tuner.classes, "data_config": tuner.data_config, "backbone": tuner.backbone.name}
     size = tuple(tuner.data_config["input_size"])
-    if args.format == "torchscript":
-        out = export_torchscript(tuner.model, args.output, size, metadata=meta)
-        print(json.dumps({"format": "torchscript", "path": str(out)}))
+    # The check's photos are read before anything is written: a bad --check leaves no file behind.
+    x = _check_batch(tuner, args.check) if args.check is not None else None
+    if args.format in ("timm", "torchscript"):
+        out = tuner.save_pretrained(args.output) if args.format == "timm" else \
+            export_torchscript(tuner.model, args.output, size, metadata=meta)
+        extra = {"load_with": f"timm.create_model('local-dir:{out}', pretrained=True)"} if args.format == "timm" else {}
+        print(json.dumps({"format": args.format, "path": str(out), **extra}))
         return 0
-    out = export_onnx(tuner.model, args.output, size, opset=args.opset, metadata=meta)
-    result: dict = {"format": "onnx", "path": str(out)}
-    if args.check is not None:
-        if args.check.is_dir():
-            files = [p for p, _ in ImageFolderDataset(args.check, classes=tuner.classes,
-                                                      allow_missing_classes=True).samples[:16]]
-        else:
-            files = _expand([str(args.check)])[:16]
-        x = torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])  # as predict reads them
-        result.update(checked_images=len(files), max_abs_logit_diff=check_onnx(out, tuner.model, x))
+    if args.format == "torch-export":
+        out, check = export_torch(tuner.model, args.output, size, metadata=meta), check_torch_export
+    else:
+        out, check = export_onnx(tuner.model, args.output, size, opset=args.opset, metadata=meta), check_onnx
+    result: dict = {"format": args.format, "path": str(out)}
+    if x is not None:
+        result.update(checked_images=len(x), max_abs_logit_diff=check(out, tuner.model, x))
     print(json.dumps(result))
     return 0
+
+
+def _check_batch(tuner, where: Path):
+    """Up to 16 photos of a folder (class sub-folders or not), a file or a glob, as predict reads them."""
+    import torch
+
+    files = _expand([str(where)])[:16]
+    if not files:
+        raise ValueError(f"--check {where}: no image files there")
+    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
@@ -597,8 +608,11 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch) or TorchScript")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
-    p.add_argument("--output", required=True, type=Path, help="the file to write (.onnx or .pt)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--output", required=True, type=Path,
+                   help="the file to write (.onnx or .pt), or the folder for --format timm")
+    p.add_argument("--format", choices=["onnx", "torch-export", "torchscript", "timm"], default="onnx",
+                   help="torch-export: a .pt2 ExportedProgram (dynamic batch); timm: a folder plain timm "
+                        "loads with create_model('local-dir:PATH', pretrained=True)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--check", type=Path,
                    help="image folder or file/glob: compare onnxruntime with PyTorch on up to 16 of its images")

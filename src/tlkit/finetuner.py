@@ -416,6 +416,40 @@ class FineTuner:
         """Write the model and its metadata to a ``.safetensors`` checkpoint, atomically."""
         return save_checkpoint(path, self.model.state_dict(), self.metadata(metrics))
 
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a plain timm folder that ``timm.create_model("local-dir:PATH")`` loads (see `tlkit.hub`).
+
+        ``config.json`` holds the architecture, ``num_classes``, the class names as
+        ``label_names``, the data config and model kwargs; ``model.safetensors`` the weights.
+
+        Raises:
+            ValueError: a head plain timm cannot build (a hidden layer).
+        """
+        from tlkit.hub import save_pretrained
+
+        return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", **config_overrides: Any) -> FineTuner:
+        """A ready model from a plain timm folder (`save_pretrained`, or one downloaded from the hub).
+
+        Args:
+            path: the folder with ``config.json`` and ``model.safetensors``.
+            device: where the model runs.
+            **config_overrides: `TrainConfig` fields (``progress``, ``eval_batch_size``...).
+
+        Raises:
+            ValueError: the folder is missing, malformed or out of bounds (names the file).
+        """
+        from tlkit.hub import load_pretrained
+
+        model, classes, kwargs, data = load_pretrained(path)
+        backbone = BackboneConfig(name=model.pretrained_cfg.get("architecture", type(model).__name__),
+                                  pretrained=False, model_kwargs=kwargs, data_config=data)
+        config = TrainConfig(**{"device": device, **config_overrides})
+        return cls(model, classes, config=config, backbone=backbone,
+                   data_config=resolve_data_config(model, backbone.data_config))
+
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *, classes: Sequence[str] | None = None,
              num_classes: int | None = None, adapt_head: bool = False, **config_overrides: Any) -> FineTuner:

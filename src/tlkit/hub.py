@@ -1,0 +1,183 @@
+"""Plain-timm model folders: what ``timm.create_model("local-dir:PATH")`` and ``hf-hub:`` load.
+
+`save_pretrained` writes ``config.json`` (architecture, ``num_classes``, ``label_names``, the
+data config as ``pretrained_cfg``, the ``model_args`` such as ``pad_type``) and
+``model.safetensors`` with timm's ``save_for_hf``, the layout the Hugging Face hub serves, so a
+fine-tuned model is shared the way the field shares timm models and needs no tlkit to run.
+`load_pretrained` reads such a folder back; `push_to_hub` uploads one.
+
+A folder from someone else is untrusted: `load_pretrained` reads only ``config.json`` (size-
+limited JSON, fields checked against the same bounds as a tlkit checkpoint header) and
+``model.safetensors`` (no pickle), and builds the model itself rather than letting the file
+choose what runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import timm
+import torch
+from torch import nn
+
+from tlkit._introspect import classifier_module_names
+from tlkit.head import TaskHead
+
+if TYPE_CHECKING:
+    from tlkit.finetuner import FineTuner
+
+__all__ = ["load_pretrained", "push_to_hub", "save_pretrained", "timm_state_dict"]
+
+_MAX_CONFIG_BYTES = 1 << 20
+_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights under plain timm's names: a dropout-only `TaskHead` becomes its Linear.
+
+    Raises:
+        ValueError: a head with a hidden layer (plain timm has no such head; export ONNX instead).
+    """
+    state = model.state_dict()
+    for name in classifier_module_names(model):
+        head = model.get_submodule(name)
+        if not isinstance(head, TaskHead):
+            continue
+        if hasattr(head, "hidden"):
+            raise ValueError(f"{name}: a head with a hidden layer cannot be a plain timm classifier; "
+                             "export it with --format onnx or torch-export instead")
+        for key in ("weight", "bias"):  # dropout is the identity at inference
+            state[f"{name}.{key}"] = state.pop(f"{name}.fc.{key}")
+    return state
+
+
+def _plain_timm_model(tuner: FineTuner) -> nn.Module:
+    """A fresh timm model with the tuner's weights and ``num_classes``; checked to give the same logits."""
+    kwargs = dict(tuner.backbone.model_kwargs)
+    plain = timm.create_model(tuner.backbone.name, pretrained=False, num_classes=len(tuner.classes), **kwargs)
+    target = plain.state_dict()
+    state = {k: v.reshape(target[k].shape) if k in target else v for k, v in timm_state_dict(tuner.model).items()}
+    plain.load_state_dict(state, strict=True)
+    plain.eval()
+    source = copy.deepcopy(tuner.model).float().eval().cpu()
+    x = torch.randn(2, *tuner.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(plain(x), source(x), rtol=1e-4, atol=1e-4):
+            raise ValueError(f"{tuner.backbone.name}: the plain timm model does not reproduce the fine-tuned "
+                             "logits (a head timm cannot build); export it with --format onnx instead")
+    return plain
+
+
+def save_pretrained(tuner: FineTuner, path: str | Path) -> Path:
+    """Write ``tuner``'s model as a plain timm folder that ``timm.create_model("local-dir:PATH")`` loads.
+
+    Args:
+        tuner: a trained `FineTuner` (its model, classes, data config and backbone kwargs).
+        path: the folder (created); ``config.json`` and ``model.safetensors`` are written in it.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: the head cannot be a plain timm classifier (a hidden layer), or the plain
+            model's logits differ from the fine-tuned model's on a random input.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    plain = _plain_timm_model(tuner)
+    data = {k: tuner.data_config[k] for k in _DATA_KEYS if k in tuner.data_config}
+    data["input_size"] = tuple(data["input_size"])
+    timm.models.save_for_hf(plain, str(path), model_config={"label_names": list(tuner.classes)},
+                            model_args=dict(tuner.backbone.model_kwargs), data_config=data, safe_serialization=True)
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file() or file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{file}: missing or larger than {_MAX_CONFIG_BYTES} bytes; not a timm model folder")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: not a timm model config (a JSON object)")
+    return config
+
+
+def _checked(config: dict[str, Any], file: Path) -> tuple[str, list[str], dict[str, Any], dict[str, Any]]:
+    """Architecture, class names, model kwargs and data config of a folder's config.json, within bounds."""
+    from tlkit._header import MODEL_KWARGS
+    from tlkit.config import BackboneConfig, DataConfigOverrides
+
+    arch, names = config.get("architecture"), config.get("label_names")
+    if not isinstance(arch, str) or not re.fullmatch(r"[a-z0-9_]{1,128}", arch) or not timm.is_model(arch):
+        raise ValueError(f"{file}: architecture {str(arch)[:60]!r} is not a timm model name")
+    if not (isinstance(names, list) and 2 <= len(names) <= 100_000 and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{file}: label_names must list the class names (at least 2 strings)")
+    if config.get("num_classes") != len(names):
+        raise ValueError(f"{file}: num_classes {config.get('num_classes')!r} differs from the {len(names)} label_names")
+    kwargs = dict(config.get("model_args") or {}) if isinstance(config.get("model_args") or {}, dict) else None
+    # timm records the build's own arguments too: they must agree with the rest of the file.
+    if kwargs is not None and kwargs.pop("num_classes", len(names)) != len(names) or (kwargs or {}).pop("in_chans", 3) != 3:
+        raise ValueError(f"{file}: model_args num_classes must equal the {len(names)} label_names, in_chans 3")
+    unknown = sorted(set(kwargs) - set(MODEL_KWARGS)) if isinstance(kwargs, dict) else ["(not a mapping)"]
+    if unknown:
+        raise ValueError(f"{file}: model_args {unknown} are not allowed; a folder may set only {sorted(MODEL_KWARGS)}")
+    # The same bounds as a checkpoint: the config models validate names, kwargs and preprocessing.
+    BackboneConfig(name=arch, pretrained=False, model_kwargs=kwargs)
+    cfg = config.get("pretrained_cfg") or {}
+    data = DataConfigOverrides.model_validate({k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None})
+    return arch, names, kwargs, data.model_dump(exclude_none=True)
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, Any]]:
+    """Read a plain timm folder (`save_pretrained`, or any ``config.json`` + ``model.safetensors``).
+
+    Returns:
+        ``(model, classes, model_kwargs, data_config_overrides)``: the model in eval mode on the
+        CPU with the folder's weights; the class names from ``label_names``.
+
+    Raises:
+        ValueError: a missing or malformed ``config.json``, a value out of bounds, weights that
+            do not fit (names the file).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    arch, classes, kwargs, data = _checked(_read_config(path), path / "config.json")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing (only safetensors weights are read, never pickle files)")
+    model = timm.create_model(arch, pretrained=False, num_classes=len(classes), **kwargs)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{weights}: does not fit {arch} with {len(classes)} classes: {str(e).splitlines()[0]}") from None
+    return model.eval(), classes, kwargs, data
+
+
+def push_to_hub(tuner: FineTuner, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
+    """Upload `save_pretrained`'s folder to the Hugging Face hub (needs ``huggingface_hub`` and a token).
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ImportError: ``huggingface_hub`` is not installed.
+    """
+    import tempfile
+
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ImportError('push_to_hub needs huggingface_hub: pip install huggingface_hub') from None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(tuner, folder)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="tlkit save_pretrained"))
