@@ -88,6 +88,7 @@ def _build_on_meta(header: CheckpointHeader, path: Path) -> nn.Module:
             with mode():
                 model = create_backbone(config)
                 HeadReplacer.from_config(header.head).apply(model)
+                header.freeze_policy.prepare(model)  # LoRA adapters are tensors of the file too
             return model
         except Exception as e:  # noqa: BLE001 - whatever timm raises, the file is what is wrong
             error = e  # the last mode is the most permissive: its error is the one that matters

@@ -11,7 +11,22 @@ from pathlib import Path
 from tlkit._text import csv_cell, escape_control
 from tlkit.images import MAX_BYTES, MAX_PIXELS  # numpy and PIL only: `tlkit --help` imports no torch
 
+CALIBRATION_IMAGES = 128  # = tlkit.quantize.CALIBRATION_IMAGES (a test keeps them equal; that module imports torch)
+
 __all__ = ["main"]
+
+
+def _count(least: int):
+    """An argparse type: a whole number >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {least}")
+        return value
+    return parse
 
 
 def _parse_override(text: str) -> str:
@@ -372,8 +387,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from tlkit import FineTuner
     from tlkit.export import check_onnx, check_torch_export, export_onnx, export_torch, export_torchscript
 
@@ -381,7 +394,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     meta = {"classes": tuner.classes, "data_config": tuner.data_config, "backbone": tuner.backbone.name}
     size = tuple(tuner.data_config["input_size"])
     # The check's photos are read before anything is written: a bad --check leaves no file behind.
-    x = _check_batch(tuner, args.check) if args.check is not None else None
+    x, labels = _check_batch(tuner, args.check, args.check_limit) if args.check is not None else (None, None)
+    if args.format == "onnx-int8":
+        return _export_int8(tuner, args, meta, x, labels)
     if args.format in ("timm", "torchscript"):
         out = tuner.save_pretrained(args.output) if args.format == "timm" else \
             export_torchscript(tuner.model, args.output, size, metadata=meta)
@@ -399,14 +414,68 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_batch(tuner, where: Path):
-    """Up to 16 photos of a folder (class sub-folders or not), a file or a glob, as predict reads them."""
+def _export_int8(tuner, args: argparse.Namespace, meta: dict, x, labels) -> int:
+    """``--format onnx-int8``: calibrate, quantise, and with ``--check`` compare with the float32 ONNX."""
+    import tempfile
+
+    from tlkit.export import export_onnx
+    from tlkit.quantize import compare_onnx, export_onnx_int8
+
+    size = tuple(tuner.data_config["input_size"])
+    calibration, source = _calibration_batch(tuner, args)
+    out = export_onnx_int8(tuner.model, args.output, size, calibration, metadata=meta, opset=args.opset,
+                           method=args.calibration_method, reduce_range=args.reduce_range)
+    result: dict = {"format": "onnx-int8", "path": str(out), "calibration": source,
+                    "calibration_images": len(calibration), "calibration_method": args.calibration_method}
+    if x is not None:
+        with tempfile.TemporaryDirectory(prefix="tlkit-fp32-") as tmp:
+            fp32 = export_onnx(tuner.model, Path(tmp) / "fp32.onnx", size, opset=args.opset, metadata=meta)
+            result.update(compare_onnx(fp32, out, x, labels))
+    print(json.dumps(result))
+    return 0
+
+
+def _spread(files: list[Path], n: int) -> list[Path]:
+    """``n`` files evenly spaced through ``files`` (sorted by class folder, so every class is sampled)."""
+    return files if len(files) <= n else [files[i * len(files) // n] for i in range(n)]
+
+
+def _calibration_batch(tuner, args: argparse.Namespace):
+    """``(calibration inputs, where they came from)``: ``--calibration``, else the run's training split."""
     import torch
 
-    files = _expand([str(where)])[:16]
+    from tlkit import RunConfig, load_datasets
+
+    if args.calibration is not None:
+        files, source = _expand([str(args.calibration)]), str(args.calibration)
+    else:
+        checkpoint = Path(args.checkpoint)
+        config_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+        if not config_file.is_file():
+            raise ValueError(f"--format onnx-int8 needs --calibration FOLDER (photos like the training ones), "
+                             f"or a checkpoint beside the config.yaml of its run (no {config_file})")
+        train, _ = load_datasets(RunConfig.from_file(config_file).data)
+        files, source = [Path(p) for p, _ in train.samples], f"training split of {config_file}"
+    files = _spread(files, args.calibration_images)
+    if not files:
+        raise ValueError(f"--calibration {source}: no image files there")
+    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files]), source
+
+
+def _check_batch(tuner, where: Path, limit: int = 16):
+    """``(inputs, labels or None)`` of up to ``limit`` photos (0: all) of a folder, file or glob.
+
+    Labels come from class sub-folders named like the checkpoint's classes (``None`` otherwise).
+    """
+    import torch
+
+    files = _expand([str(where)])
+    files = _spread(files, limit) if limit else files
     if not files:
         raise ValueError(f"--check {where}: no image files there")
-    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
+    x = torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
+    named = Path(where).is_dir() and all(f.parent.name in tuner.classes for f in files)
+    return x, ([tuner.classes.index(f.parent.name) for f in files] if named else None)
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
@@ -610,12 +679,25 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--output", required=True, type=Path,
                    help="the file to write (.onnx or .pt), or the folder for --format timm")
-    p.add_argument("--format", choices=["onnx", "torch-export", "torchscript", "timm"], default="onnx",
-                   help="torch-export: a .pt2 ExportedProgram (dynamic batch); timm: a folder plain timm "
-                        "loads with create_model('local-dir:PATH', pretrained=True)")
+    p.add_argument("--format", choices=["onnx", "onnx-int8", "torch-export", "torchscript", "timm"], default="onnx",
+                   help="onnx-int8: statically quantised for the edge (calibrated on photos); torch-export: a "
+                        ".pt2 ExportedProgram (dynamic batch); timm: a folder plain timm loads with "
+                        "create_model('local-dir:PATH', pretrained=True)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--check", type=Path,
-                   help="image folder or file/glob: compare onnxruntime with PyTorch on up to 16 of its images")
+                   help="image folder or file/glob: compare the export with PyTorch (onnx-int8: with the float32 "
+                        "ONNX model: top-1 agreement, top-1 with class sub-folders, images/s, file size)")
+    p.add_argument("--check-limit", type=_count(0), default=16,
+                   help="photos of --check used, evenly spaced (default 16; 0: all)")
+    p.add_argument("--calibration", type=Path,
+                   help="onnx-int8: photos like the training ones (default: the run's training split, "
+                        "read from the config.yaml beside the checkpoint)")
+    p.add_argument("--calibration-images", type=_count(1), default=CALIBRATION_IMAGES,
+                   help=f"onnx-int8: calibration photos used, evenly spaced (default {CALIBRATION_IMAGES})")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="onnx-int8: how activation ranges are set (onnxruntime CalibrationMethod; default minmax)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="onnx-int8: 7-bit weights, for x86 CPUs without VNNI (onnxruntime's saturation note)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="serve a web page that classifies an uploaded photo (needs tlkit[demo])")

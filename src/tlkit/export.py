@@ -25,11 +25,44 @@ def _example(model: nn.Module, input_size: tuple[int, int, int], batch: int = 2)
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    # A float32, contiguous-format, eval-mode copy: exporters trace what they are given.
-    import copy
+    # A float32, contiguous-format, eval-mode copy: exporters trace what they are given. LoRA
+    # adapters are merged, so the file runs without peft and has plain timm's weight names.
+    from tlkit.lora import merged_copy
 
-    out = copy.deepcopy(model).float().eval()
+    out = merged_copy(model).float().eval()
     return out.to(memory_format=torch.contiguous_format)
+
+
+def _static_same_padding(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
+    """``model`` (a copy, changed in place) with timm's dynamic TF-"same" convolutions padded statically.
+
+    timm's ``Conv2dSame`` computes its padding from the input's shape on every call; traced, that
+    is a chain of Shape/Gather/Ceil ops and a Pad fed by them, which onnxruntime can neither fold
+    nor fuse into the convolution (in an INT8 graph the float Pad between Dequantize and
+    Quantize cost a fifth of MobileNetV2's time at 448 x 336). The ONNX graph has a fixed H and
+    W anyway, so each such conv gets the padding of the size it sees there: a constant
+    ``ZeroPad2d`` (the same numbers ``timm.layers.pad_same`` computes), which onnxruntime fuses
+    into the convolution's ``pads``.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    seen: dict[str, list[int]] = {}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv2dSame)}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, list(a[0].shape[-2:])))
+             for n, m in convs.items()]
+    with torch.no_grad():
+        model(_example(model, input_size, batch=1))
+    for h in hooks:
+        h.remove()
+    for name, conv in convs.items():
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                          conv.groups, conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        pads = pad_same_arg(seen[name], list(conv.kernel_size), list(conv.stride), list(conv.dilation))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Sequential(nn.ZeroPad2d(pads), plain))
+    return model
 
 
 def export_onnx(
@@ -62,7 +95,7 @@ def export_onnx(
         raise ImportError('ONNX export needs the onnx package: pip install "tlkit[export]"') from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # "export to runs/x/model.onnx" needs no mkdir first
-    plain = _plain_copy(model).cpu()
+    plain = _static_same_padding(_plain_copy(model).cpu(), tuple(input_size))
     x = _example(plain, tuple(input_size))
     tmp = path.with_name(f".{path.name}.tmp")
     torch.onnx.export(

@@ -105,6 +105,7 @@ class FineTuner:
                  callbacks: Sequence[Callback] | None = None) -> None:
         self.classes = list(classes)
         self.policy = policy or FreezePolicy()
+        self.policy.prepare(model)  # LoRA adapters, if the policy has them, before the model moves
         self.config = config or TrainConfig()
         self.augment = augment or AugmentConfig()
         self.output_dir = Path(output_dir) if output_dir is not None else None

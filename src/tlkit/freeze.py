@@ -24,8 +24,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tlkit._introspect import architecture_name, batchnorm_modules, classifier_param_names
+from tlkit._introspect import architecture_name, batchnorm_modules, classifier_module_names, classifier_param_names
 from tlkit._strict import StrictModel
+from tlkit.lora import LoraSettings, inject_lora, lora_param_names
 from tlkit.schedule import cosine_lr_factor  # noqa: F401  (its old home; tlkit.schedule owns it)
 
 __all__ = [
@@ -238,6 +239,11 @@ class FreezePolicy(StrictModel):
     Ruder 2018).
 
     ``phases`` change any of these at given epochs (progressive unfreezing).
+
+    ``lora`` adds LoRA adapters (`tlkit.lora`, on ``peft``) to the attention and MLP linears;
+    they train in every phase, on top of what ``depth`` and the patterns train, so
+    ``FreezePolicy.lora_finetune()`` (``depth=-1``) trains the adapters and the new head only.
+    `prepare` puts the adapters into a model (`FineTuner` does it when it is built).
     """
 
     depth: int = Field(0, description="Groups frozen from the input side; negative: from the top.")
@@ -247,6 +253,7 @@ class FreezePolicy(StrictModel):
     layer_decay: float = Field(1.0, gt=0.0, le=1.0)
     backbone_lr_scale: float = Field(1.0, gt=0.0)
     phases: list[Phase] = Field(default_factory=list)
+    lora: LoraSettings | None = Field(None, description="LoRA adapters on the backbone's linears (needs peft).")
 
     @model_validator(mode="after")
     def _phases_in_order(self) -> FreezePolicy:
@@ -270,6 +277,25 @@ class FreezePolicy(StrictModel):
     def freeze_to(cls, depth: int, **kwargs) -> FreezePolicy:
         """fastai's ``freeze_to(depth)``: freeze the first ``depth`` groups (negative: from the top)."""
         return cls(depth=depth, **kwargs)
+
+    @classmethod
+    def lora_finetune(cls, rank: int = 8, alpha: float | None = None, **kwargs) -> FreezePolicy:
+        """LoRA adapters of rank ``rank`` (``alpha`` default ``2 * rank``) and the new head train; nothing else.
+
+        Other `LoraSettings` fields (``targets``, ``dropout``) go in ``lora={...}`` instead.
+        """
+        lora = LoraSettings(rank=rank, alpha=2.0 * rank if alpha is None else alpha)
+        return cls(depth=kwargs.pop("depth", -1), lora=kwargs.pop("lora", lora), **kwargs)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put the policy's LoRA adapters into ``model`` (in place, once); without ``lora``, nothing.
+
+        Raises:
+            ImportError / ValueError: as `tlkit.lora.inject_lora`.
+        """
+        if self.lora is not None:
+            inject_lora(model, self.lora, exclude=classifier_module_names(model))
+        return model
 
     def then(self, epoch: int, **changes) -> FreezePolicy:
         """A copy with a `Phase` appended, e.g. ``.then(2, depth=-4, layer_decay=0.6)``."""
@@ -316,6 +342,7 @@ class FreezePolicy(StrictModel):
         trainable = {n for g in groups[k:] for n in g.param_names}
         trainable -= _match(s.freeze, names, "freeze")
         trainable |= _match(s.unfreeze, names, "unfreeze")
+        trainable |= self._adapters(model)
         bn_params = {
             f"{m_name}.{p_name}" for m_name, m in batchnorm_modules(model).items()
             for p_name, _ in m.named_parameters(recurse=False)
@@ -331,6 +358,16 @@ class FreezePolicy(StrictModel):
                 f"freeze={s.freeze}, batchnorm={s.batchnorm!r})"
             )
         return trainable
+
+    def _adapters(self, model: nn.Module) -> set[str]:
+        adapters = lora_param_names(model)
+        if self.lora is not None and not adapters:
+            raise ValueError("FreezePolicy.lora is set but the model has no LoRA adapters: "
+                             "call policy.prepare(model) first (FineTuner does)")
+        if adapters and self.lora is None:
+            raise ValueError("the model holds LoRA adapters but FreezePolicy.lora is not set: "
+                             "use the policy the adapters were made with")
+        return adapters
 
     def frozen_batchnorm_names(self, model: nn.Module, epoch: int = 0) -> set[str]:
         """Names of BatchNorm modules held in eval mode (running statistics frozen) at ``epoch``."""

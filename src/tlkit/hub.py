@@ -14,7 +14,6 @@ choose what runs.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from tlkit._introspect import classifier_module_names
 from tlkit.head import TaskHead
+from tlkit.lora import has_lora, merged_copy
 
 if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
@@ -42,6 +42,8 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: a head with a hidden layer (plain timm has no such head; export ONNX instead).
     """
+    if has_lora(model):  # adapters folded into their linears: plain timm has none
+        model = merged_copy(model)
     state = model.state_dict()
     for name in classifier_module_names(model):
         head = model.get_submodule(name)
@@ -63,7 +65,7 @@ def _plain_timm_model(tuner: FineTuner) -> nn.Module:
     state = {k: v.reshape(target[k].shape) if k in target else v for k, v in timm_state_dict(tuner.model).items()}
     plain.load_state_dict(state, strict=True)
     plain.eval()
-    source = copy.deepcopy(tuner.model).float().eval().cpu()
+    source = merged_copy(tuner.model).float().eval().cpu()
     x = torch.randn(2, *tuner.data_config["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if not torch.allclose(plain(x), source(x), rtol=1e-4, atol=1e-4):
