@@ -152,3 +152,18 @@ def test_progress_epochs_keeps_the_epoch_lines_and_never_shows_bars_even_on_a_te
     term.truncate(0)
     tiny_tuner(train.classes, epochs=1, progress=True).fit(train, val)
     assert "\r" in term.getvalue()  # the same terminal shows bars with progress=True
+
+
+def test_epoch_lines_show_the_trainable_count_at_the_start_and_at_each_phase(tmp_path, capfd):
+    from tlkit import FreezePolicy
+
+    train, val = photo_split(tmp_path, ("cardboard", "glass"))
+    policy = FreezePolicy.linear_probe().then(2, depth=0)
+    tuner = tiny_tuner(train.classes, epochs=3, progress=True, policy=policy)
+    history = tuner.fit(train, val)
+    out, err = capfd.readouterr()
+    lines = [ln for ln in (out + err).splitlines() if ln.startswith("epoch ")]
+    counts = [r["trainable_params"] for r in history]
+    assert counts[0] == counts[1] < counts[2]
+    assert f"trainable {counts[0]:,}" in lines[0] and "trainable" not in lines[1]
+    assert f"trainable {counts[2]:,}" in lines[2]

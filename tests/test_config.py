@@ -13,8 +13,22 @@ def test_yaml_and_json_roundtrip(tmp_path):
         "train": {"epochs": 5, "lr": 0.002},
         "data": {"root": "photos", "val_fraction": 0.25},
     })
-    for suffix in (".yaml", ".json"):
-        assert RunConfig.from_file(cfg.to_file(tmp_path / f"run{suffix}")) == cfg
+    for suffix in (".yaml", ".json"):  # a written config holds absolute paths: it reads the same anywhere
+        assert RunConfig.from_file(cfg.to_file(tmp_path / f"run{suffix}")) == cfg.with_paths(lambda p: p.absolute())
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = tmp_path / "configs" / "run.yaml"
+    path.write_text("backbone:\n  weights: ../w/m.safetensors\ndata:\n  root: photos\n  val_root: /abs/val\n"
+                    "output_dir: runs/a\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = RunConfig.from_file(path)
+    assert cfg.data.root == tmp_path / "configs" / "photos"
+    assert cfg.backbone.weights == tmp_path / "configs" / ".." / "w" / "m.safetensors"
+    assert str(cfg.data.val_root) == "/abs/val" and cfg.output_dir == tmp_path / "configs" / "runs" / "a"
+    assert cfg.train.feature_cache_dir is None
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -15,7 +15,7 @@ Swap data, recipe or backbone:
     python examples/garbage/train.py --data DIR --recipe finetune-strong --backbone tf_efficientnet_lite0 \
         --weights FILE --refit    # the best recipe, trained on every photo of DIR (see docs/results.md)
 
-Then: python -m tlkit evaluate --checkpoint runs/garbage-finetune --data DIR
+Then: python -m tlkit evaluate --checkpoint runs/garbage-finetune-strong --data DIR
 """
 
 from __future__ import annotations
@@ -77,11 +77,18 @@ def flagship_train_settings(recipe: str) -> dict:
     return {"num_workers": PROBE_WORKERS} if recipe == "linear-probe" else {}
 
 
+def _rounded(value: float | None) -> float | None:
+    """4 decimals for the summary line (a class missing from the data has no recall: None)."""
+    return None if value is None else round(value, 4)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=HERE / "data",
                    help="folder with one sub-folder per class (default: the shipped sample)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="finetune-strong",
+                   help="default finetune-strong: on the shipped sample it reached 77.8%% top-1 on its 36 val photos in 47 s "
+                        "(finetune: 72.2%%, dropping to 22%% at the unfreeze; linear-probe: 72.2%%)")
     p.add_argument("--backbone", default="mobilenetv2_100", help="any timm model name")
     p.add_argument("--weights", type=Path, help="local weights file (default: shipped file, else the hub)")
     p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
@@ -181,18 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
         "val_images": metrics["n"],
         "top1": round(metrics["top1"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
-        "trash_recall": metrics["per_class_recall"].get("trash"),
+        "trash_recall": _rounded(metrics["per_class_recall"].get("trash")),
         "best_epoch": tuner.best["epoch"],
         "last_top1": round(last["top1"], 4),
         "last_macro_f1": round(last["macro_f1"], 4),
-        "last_trash_recall": last["per_class_recall"].get("trash"),
+        "last_trash_recall": _rounded(last["per_class_recall"].get("trash")),
         "train_seconds": round(wall, 1),
         "checkpoint": str(Path(config.output_dir) / "best.safetensors"),
     }
     if args.tta != "none":
         m = best.evaluate(val, tta=args.tta).to_dict()
         summary.update({f"{args.tta}_top1": round(m["top1"], 4), f"{args.tta}_macro_f1": round(m["macro_f1"], 4),
-                        f"{args.tta}_trash_recall": m["per_class_recall"].get("trash")})
+                        f"{args.tta}_trash_recall": _rounded(m["per_class_recall"].get("trash"))})
     say(json.dumps(summary))
     path, label = val.samples[0]
     pred = best.predict(path)[0]

@@ -161,7 +161,14 @@ class ProgressBar(Callback):
 
 
 class EpochLogger(Callback):
-    """One line per epoch (losses, top-1, macro-F1, trainable parameters, seconds; ``*best*``)."""
+    """One line per epoch (losses, top-1, macro-F1, seconds; ``*best*``).
+
+    The trainable parameter count is shown on the first line and whenever it changes (a phase
+    boundary), so a redirected log stays short.
+    """
+
+    def __init__(self) -> None:
+        self._trainable: int | None = None
 
     def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
         if not tuner.is_main:
@@ -169,7 +176,10 @@ class EpochLogger(Callback):
         s = f"epoch {record['epoch']}/{tuner.config.epochs}  train_loss {record['train_loss']:.4f}"
         if "top1" in record:
             s += f"  val_loss {record['val_loss']:.4f}  top1 {record['top1']:.4f}  macro_f1 {record['macro_f1']:.4f}"
-        s += f"  trainable {record['trainable_params']:,}  {record['seconds']:.1f}s"
+        if record["trainable_params"] != self._trainable:
+            self._trainable = record["trainable_params"]
+            s += f"  trainable {self._trainable:,}"
+        s += f"  {record['seconds']:.1f}s"
         tqdm.write(s + ("  *best*" if tuner.best.get("epoch") == record["epoch"] else ""))
 
 

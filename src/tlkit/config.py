@@ -19,7 +19,8 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -708,6 +709,22 @@ class RunConfig(StrictModel):
 
     _paths = field_validator("output_dir")(_no_nul)
 
+    # The path fields of a run: relative ones in a file are relative to that file's folder.
+    PATH_FIELDS: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("backbone", "weights"), ("data", "root"), ("data", "val_root"), ("train", "feature_cache_dir"),
+        ("output_dir",))
+
+    def with_paths(self, change: Callable[[Path], Path]) -> RunConfig:
+        """A copy with ``change`` applied to every path field that is set (`PATH_FIELDS`)."""
+        data = self.model_dump()
+        for *parents, leaf in self.PATH_FIELDS:
+            node = data
+            for key in parents:
+                node = node[key]
+            if node[leaf] is not None:
+                node[leaf] = change(Path(node[leaf]))
+        return type(self).model_validate(data)
+
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
         """Read a YAML (``.yaml``/``.yml``) or JSON file (UTF-8, at most 4 MiB).
@@ -722,6 +739,10 @@ class RunConfig(StrictModel):
                 unsupported YAML tag such as ``!!python/object``, a repeated key, or a top level
                 that is not a mapping.
             pydantic.ValidationError: a value is out of range or a key is unknown (names the field).
+
+        Relative paths in the file (``data.root``, ``data.val_root``, ``backbone.weights``,
+        ``train.feature_cache_dir``, ``output_dir``) are relative to the file's folder, as
+        mkdocs and most build tools read theirs, so a config works from any current folder.
         """
         path = Path(path)
         suffix = path.suffix.lower()
@@ -733,7 +754,8 @@ class RunConfig(StrictModel):
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: config must be a mapping at the top level, got {type(data).__name__}")
-        return cls.model_validate(data)
+        base = path.resolve().parent
+        return cls.model_validate(data).with_paths(lambda p: p if p.is_absolute() else base / p)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> RunConfig:
         """A copy with dotted ``KEY=VALUE`` overrides applied, values parsed as YAML.
@@ -783,9 +805,9 @@ class RunConfig(StrictModel):
         return "\n".join(_commented(type(self), data, 0)) + "\n"
 
     def to_file(self, path: str | Path) -> Path:
-        """Write YAML or JSON by suffix; returns the path."""
+        """Write YAML or JSON by suffix, path fields made absolute (the file reads the same anywhere); returns the path."""
         path = Path(path)
-        data = self.model_dump(mode="json")
+        data = self.with_paths(lambda p: p.absolute()).model_dump(mode="json")
         if path.suffix.lower() == ".json":
             text = json.dumps(data, indent=2)
         else:
