@@ -227,7 +227,8 @@ def test_cli_demo_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--host", "--port", "--top-k", "--tta", "--device", "--share", "--max-upload-mb"):
+    for flag in ("--checkpoint", "--host", "--port", "--top-k", "--tta", "--device", "--share", "--max-upload-mb",
+                 "--examples"):
         assert flag in out
 
 
@@ -235,3 +236,64 @@ def test_cli_demo_refuses_a_bad_upload_limit(tmp_path, capsys):
     ckpt = tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
     assert main(["demo", "--checkpoint", str(ckpt), "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb must be in (0, 1024]" in capsys.readouterr().err
+
+
+def _dataset_samples(demo) -> list:
+    """The sample rows of the page's example table (Gradio's ``dataset`` component)."""
+    return [c["props"]["samples"] for c in demo.config["components"] if c.get("type") == "dataset"]
+
+
+def test_example_photos_are_shown_and_a_missing_one_is_named(served, tmp_path):
+    tuner, _ = served
+    photos = [sorted((SAMPLE / c).iterdir())[2] for c in CLASSES]
+    assert _dataset_samples(build_demo(tuner)) == []
+    (samples,) = _dataset_samples(build_demo(tuner, examples=photos))
+    assert len(samples) == 3
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        build_demo(tuner, examples=[tmp_path / "nope.jpg"])
+
+
+def test_cli_demo_examples_default_to_one_photo_per_class_of_the_recorded_split(tmp_path):
+    import argparse
+
+    from conftest import copy_sample
+    from tlkit import DatasetConfig, RunConfig
+    from tlkit.cli import _demo_examples
+
+    root = copy_sample(tmp_path / "data", CLASSES, 4)
+    run = tmp_path / "run"
+    run.mkdir()
+    tuner = tiny_tuner(CLASSES)
+    tuner.save(run / "best.safetensors")
+    (run / "config.yaml").write_text(RunConfig(data=DatasetConfig(root=root, val_fraction=0.5), output_dir=run).to_yaml())
+    args = argparse.Namespace(checkpoint=str(run / "best.safetensors"), examples=None)
+    chosen = _demo_examples(tuner, args)
+    from tlkit import RunConfig as R, load_datasets
+
+    _, val = load_datasets(R.from_file(run / "config.yaml").data)
+    assert [p.parent.name for p in chosen] == CLASSES and {str(p) for p in chosen} <= {str(p) for p, _ in val.samples}
+    assert _demo_examples(tuner, argparse.Namespace(checkpoint=str(run), examples="none")) == []
+    assert len(_demo_examples(tuner, argparse.Namespace(checkpoint=str(run), examples=str(root)))) == 12
+    (run / "config.yaml").unlink()
+    assert _demo_examples(tuner, args) == []  # no recorded run: a page without examples
+
+
+def test_clicking_an_example_photo_classifies_it_in_chromium(cache, tmp_path):
+    sync_playwright = _browser_or_skip()
+    tuner = FineTuner.load(tiny_tuner(CLASSES).save(tmp_path / "m.safetensors"), device="cpu", progress=False)
+    photo = sorted((SAMPLE / "glass").iterdir())[3]
+    demo = launch_demo(tuner, port=None, block=False, quiet=True, examples=[photo])
+    try:
+        expected = tuner.predict(photo)[0]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(demo.local_url)
+            page.get_by_text(photo.name).first.click()
+            label = page.get_by_test_id("label-output-value")
+            label.wait_for(timeout=60_000)
+            assert label.inner_text().strip() == expected.label
+            browser.close()
+        assert photo.is_file()  # the operator's photo is never deleted
+    finally:
+        demo.close()

@@ -501,9 +501,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-upload-mb must be in (0, 1024], got {args.max_upload_mb}")
     _require_device(args.device)
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=False)
+    examples = _demo_examples(tuner, args)
     launch_demo(tuner, host=args.host, port=args.port, top_k=args.top_k, tta=args.tta, share=args.share,
-                max_upload_bytes=int(args.max_upload_mb * 2**20))
+                max_upload_bytes=int(args.max_upload_mb * 2**20), examples=examples)
     return 0
+
+
+def _demo_examples(tuner, args: argparse.Namespace, limit: int = 12) -> list[Path]:
+    """``--examples``: photos of a folder or glob (at most ``limit``), ``none``, or by default one
+    photo per class of the run's validation split (the ``config.yaml`` beside the checkpoint), if any."""
+    if args.examples == "none":
+        return []
+    if args.examples:
+        return _spread(_expand([args.examples]), limit)
+    try:
+        val = _recorded_split(Path(args.checkpoint), tuner.classes)
+    except (OSError, ValueError):  # no recorded run, or its photos are elsewhere: a page without examples
+        return []
+    first: dict[int, Path] = {}
+    for path, label in val.samples:
+        first.setdefault(label, Path(path))
+    return [first[k] for k in sorted(first)][:limit]
 
 
 _SHIPPED_MNV2 = Path("examples") / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
@@ -728,6 +746,8 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 serves other machines (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: the first free port from 7860)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown with their probabilities (default 3)")
+    p.add_argument("--examples", help="example photos under the upload: a folder or glob (at most 12), or none; "
+                                      "default: one photo per class of the run's validation split")
     p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
                    help="test-time augmentation, as in predict")
     p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +131,7 @@ def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes
 
 def build_demo(
     tuner: FineTuner, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo",
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, examples: Sequence[str | Path] = (),
 ) -> gradio.Blocks:
     """Build the Gradio page for a trained model (not yet served).
 
@@ -148,6 +148,8 @@ def build_demo(
         title: the page title.
         max_upload_bytes: larger uploads are refused before they are decoded. `launch_demo`
             also hands it to Gradio (``max_file_size``), which refuses them before storing them.
+        examples: photos of the operator's (e.g. one per class of the run's validation split)
+            shown under the upload; a click classifies one. They are never deleted.
 
     Returns:
         A ``gradio.Blocks``; serve it with ``.launch()`` or `launch_demo`. Its API endpoint
@@ -158,8 +160,12 @@ def build_demo(
     Raises:
         ImportError: Gradio is not installed.
         ValueError: ``top_k`` < 1, ``max_upload_bytes`` < 1 or an unknown ``tta`` mode.
+        FileNotFoundError: an example is not a file.
     """
     gr = _import_gradio()
+    missing = [str(p) for p in examples if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"demo examples not found: {missing[:3]}")
     check_tta_mode(tta)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -176,11 +182,18 @@ def build_demo(
         finally:
             _delete_upload(path)
 
+    def classify_example(path: str | None):
+        # An operator's photo (copied into Gradio's cache when the page was built): kept.
+        if not path:
+            return None, None
+        return _classify_upload(tuner, path, _shown_name(path), tta, max_upload_bytes, gr.Error)
+
     return _layout(gr, tuner, classify, title=title, top_k=min(top_k, len(tuner.classes)),
-                   max_upload_bytes=max_upload_bytes)
+                   max_upload_bytes=max_upload_bytes, examples=(list(examples), classify_example))
 
 
-def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_upload_bytes: int) -> gradio.Blocks:
+def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_upload_bytes: int,
+            examples: tuple[list, Any]) -> gradio.Blocks:
     """The page's components and events around ``classify``."""
     # delete_cache: Gradio sweeps its cache every 60 s for this page's files older than
     # CACHE_SECONDS, and deletes them all when the server stops.
@@ -201,6 +214,10 @@ def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_uploa
         button.click(classify, upload, [preview, label], api_name="classify", preprocess=False)
         upload.upload(classify, upload, [preview, label], api_name=False, preprocess=False)
         upload.clear(lambda: (None, None), None, [preview, label], api_name=False)
+        photos, classify_example = examples
+        if photos:
+            gr.Examples([[str(p)] for p in photos], inputs=upload, outputs=[preview, label], fn=classify_example,
+                        run_on_click=True, cache_examples=False, label="Example photos", api_name=False)
     return demo
 
 
@@ -227,7 +244,8 @@ def private_upload_folder() -> Iterator[Path | None]:
 
 def launch_demo(
     tuner: FineTuner, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = 3, tta: str = "none",
-    block: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, **launch_kwargs: Any,
+    block: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, examples: Sequence[str | Path] = (),
+    **launch_kwargs: Any,
 ) -> gradio.Blocks:
     """Serve `build_demo` on ``http://host:port`` (Gradio picks a free port from 7860 if ``port`` is None).
 
@@ -242,6 +260,7 @@ def launch_demo(
             server is up.
         max_upload_bytes: largest accepted upload, bytes; Gradio refuses larger ones with HTTP 413
             before storing them (its ``max_file_size``) and tlkit checks again before decoding.
+        examples: example photos, as `build_demo`.
         **launch_kwargs: passed to ``gradio.Blocks.launch`` (e.g. ``share=True``, which needs network).
 
     Returns:
@@ -251,9 +270,10 @@ def launch_demo(
         ImportError: Gradio is not installed.
         ValueError: as `build_demo`.
     """
-    demo = build_demo(tuner, top_k=top_k, tta=tta, max_upload_bytes=max_upload_bytes)
-    if "max_file_size" in inspect.signature(demo.launch).parameters:  # where the installed Gradio has it
-        launch_kwargs.setdefault("max_file_size", max_upload_bytes)
+    # Built inside the private folder: Gradio copies the example photos into its cache as it builds.
     with private_upload_folder() if block else contextlib.nullcontext():
+        demo = build_demo(tuner, top_k=top_k, tta=tta, max_upload_bytes=max_upload_bytes, examples=examples)
+        if "max_file_size" in inspect.signature(demo.launch).parameters:  # where the installed Gradio has it
+            launch_kwargs.setdefault("max_file_size", max_upload_bytes)
         demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **launch_kwargs)
     return demo
