@@ -6,6 +6,7 @@ import timm
 import torch
 
 from tlkit import FineTuner, HeadReplacer, TrainConfig
+from tlkit.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "garbage" / "data"
@@ -44,3 +45,30 @@ def tiny_tuner(classes, output_dir=None, policy=None, model_name="test_resnet", 
                          "precision": "fp32", "device": "cpu", "progress": False, **train})
     return FineTuner(model, classes, policy=policy, config=cfg, data_config=dict(SMALL), output_dir=output_dir,
                      callbacks=callbacks)
+
+
+class Crash(Exception):
+    """A simulated crash (see `CrashAfter`)."""
+
+
+class CrashAfter(Callback):
+    """Raises ``error`` (default `Crash`) once the files of epoch ``epoch`` (1-based) are written."""
+
+    def __init__(self, epoch, error: type[BaseException] = Crash):
+        self.epoch, self.error = epoch, error
+
+    def on_checkpoint_saved(self, tuner, paths):
+        if tuner.epoch == self.epoch:
+            raise self.error
+
+
+def recorded_run(run: Path, root: Path, classes, val_fraction: float) -> Path:
+    """A run folder as `tlkit train` leaves it: a tiny model's ``best.safetensors`` beside the
+    ``config.yaml`` that names ``root`` and its split. Returns the checkpoint's path."""
+    from tlkit import DatasetConfig, RunConfig
+
+    run.mkdir(parents=True)
+    checkpoint = tiny_tuner(classes).save(run / "best.safetensors")
+    config = RunConfig(data=DatasetConfig(root=root, val_fraction=val_fraction), output_dir=run)
+    (run / "config.yaml").write_text(config.to_yaml())
+    return checkpoint

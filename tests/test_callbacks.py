@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import photo_split, tiny_tuner
+from conftest import CrashAfter, photo_split, tiny_tuner
 from tlkit import FreezePolicy
 from tlkit.callbacks import HOOKS, Callback, CallbackList, EarlyStopping
 
@@ -57,20 +57,11 @@ class Counter(Callback):
         record["counted"] = self.count
 
 
-class CrashAfter(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_checkpoint_saved(self, tuner, paths):
-        if tuner.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_callback_state_and_record_keys_survive_a_resume(data, tmp_path):
     train, val = data
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=[Counter(), CrashAfter(2)]).fit(train, val)
+        tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=[Counter(), CrashAfter(2, KeyboardInterrupt)]).fit(train, val)
     fresh = Counter()
     history = tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=[fresh]).fit(train, val, resume=True)
     assert fresh.count == 3

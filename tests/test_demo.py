@@ -256,21 +256,16 @@ def test_example_photos_are_shown_and_a_missing_one_is_named(served, tmp_path):
 def test_cli_demo_examples_default_to_one_photo_per_class_of_the_recorded_split(tmp_path):
     import argparse
 
-    from conftest import copy_sample
-    from tlkit import DatasetConfig, RunConfig
+    from conftest import copy_sample, recorded_run
+    from tlkit import RunConfig, load_datasets
     from tlkit.cli import _demo_examples
 
     root = copy_sample(tmp_path / "data", CLASSES, 4)
     run = tmp_path / "run"
-    run.mkdir()
+    args = argparse.Namespace(checkpoint=str(recorded_run(run, root, CLASSES, val_fraction=0.5)), examples=None)
     tuner = tiny_tuner(CLASSES)
-    tuner.save(run / "best.safetensors")
-    (run / "config.yaml").write_text(RunConfig(data=DatasetConfig(root=root, val_fraction=0.5), output_dir=run).to_yaml())
-    args = argparse.Namespace(checkpoint=str(run / "best.safetensors"), examples=None)
     chosen = _demo_examples(tuner, args)
-    from tlkit import RunConfig as R, load_datasets
-
-    _, val = load_datasets(R.from_file(run / "config.yaml").data)
+    _, val = load_datasets(RunConfig.from_file(run / "config.yaml").data)
     assert [p.parent.name for p in chosen] == CLASSES and {str(p) for p in chosen} <= {str(p) for p, _ in val.samples}
     assert _demo_examples(tuner, argparse.Namespace(checkpoint=str(run), examples="none")) == []
     assert len(_demo_examples(tuner, argparse.Namespace(checkpoint=str(run), examples=str(root)))) == 12

@@ -4,9 +4,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import copy_sample, tiny_tuner
+from conftest import Crash, CrashAfter, copy_sample, tiny_tuner
 from tlkit import CheckpointError, FineTuner, FreezePolicy, ImageFolderDataset
-from tlkit.callbacks import Callback
 from tlkit.cli import main as cli_main
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -83,10 +82,6 @@ def test_best_checkpoint_follows_the_chosen_metric(data, tmp_path):
     best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
     with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["tlkit"])["metrics"]["epoch"] == best_epoch
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.mark.parametrize("crash_after", [0, 1], ids=["before-boundary", "after-boundary"])
@@ -174,17 +169,6 @@ def test_resume_in_a_run_folder_without_files_starts_at_epoch_0(data, tmp_path):
     assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in plain]
     with pytest.raises(CheckpointError, match="elsewhere.state.pt"):
         tiny_tuner(CLASSES).fit(train, val, resume=tmp_path / "elsewhere.state.pt")
-
-
-class CrashAfter(Callback):
-    """Raises Crash once the files of epoch ``epoch`` (1-based) are written."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_checkpoint_saved(self, tuner, paths):
-        if tuner.epoch == self.epoch:
-            raise Crash
 
 
 def test_resume_state_holds_the_weights_and_resumes_without_the_safetensors(data, tmp_path, monkeypatch):

@@ -9,9 +9,8 @@ from pydantic import ValidationError
 pytest.importorskip("peft")
 import timm  # noqa: E402
 
-from conftest import SMALL, copy_sample  # noqa: E402
+from conftest import SMALL, Crash, CrashAfter, copy_sample  # noqa: E402
 from tlkit import BackboneConfig, FineTuner, FreezePolicy, HeadReplacer, ImageFolderDataset, TrainConfig  # noqa: E402
-from tlkit.callbacks import Callback  # noqa: E402
 from tlkit.lora import LoraSettings, has_lora, lora_param_names, merged_copy  # noqa: E402
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -64,27 +63,12 @@ def test_a_policy_without_lora_refuses_a_model_with_adapters():
         FreezePolicy.lora_finetune().trainable_names(timm.create_model("test_vit", img_size=64))
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashAfter(Callback):
-    """Raises once the files of epoch ``epoch`` (1-based) are written."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_checkpoint_saved(self, tuner, paths):
-        if tuner.epoch == self.epoch:
-            raise _Crash
-
-
 def test_lora_resume_is_bit_identical(data, tmp_path):
     train, val = data
     full = _tuner(tmp_path / "full", epochs=3)
     full.fit(train, val)
-    crashing = _tuner(tmp_path / "part", epochs=3, callbacks=[_CrashAfter(1)])
-    with pytest.raises(_Crash):
+    crashing = _tuner(tmp_path / "part", epochs=3, callbacks=[CrashAfter(1)])
+    with pytest.raises(Crash):
         crashing.fit(train, val)
     resumed = _tuner(tmp_path / "part", epochs=3)
     resumed.fit(train, val, resume=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import copy_sample, tiny_tuner
+from conftest import copy_sample, recorded_run, tiny_tuner
 from tlkit import HeadReplacer, ImageFolderDataset, load_image
 from tlkit.cli import main
 
@@ -114,15 +114,9 @@ def test_compare_counts_agreement_and_top1_from_the_labels(tmp_path):
 
 
 def test_cli_calibrates_on_the_run_training_split_and_reports_the_check(tmp_path, capsys):
-    from tlkit import DatasetConfig, RunConfig
-
     root = copy_sample(tmp_path / "data", CLASSES, 4)
-    run = tmp_path / "run"
-    run.mkdir()
-    tuner = tiny_tuner(CLASSES)
-    tuner.save(run / "best.safetensors")
-    (run / "config.yaml").write_text(RunConfig(data=DatasetConfig(root=root, val_fraction=0.25), output_dir=run).to_yaml())
-    assert main(["export", "--checkpoint", str(run / "best.safetensors"), "--output", str(tmp_path / "q.onnx"),
+    checkpoint = recorded_run(tmp_path / "run", root, CLASSES, val_fraction=0.25)
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "q.onnx"),
                  "--format", "onnx-int8", "--check", str(root), "--check-limit", "0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["calibration"].startswith("training split of") and out["calibration_images"] == 9

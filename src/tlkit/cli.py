@@ -716,10 +716,30 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: average probabilities over flipped / cropped views")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch) or TorchScript")
+    _add_export_command(sub)
+
+    p = sub.add_parser("demo", help="serve a web page that classifies an uploaded photo (needs tlkit[demo])")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 serves other machines (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: the first free port from 7860)")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown with their probabilities (default 3)")
+    p.add_argument("--examples", help="example photos under the upload: a folder or glob (at most 12), or none; "
+                                      "default: one photo per class of the run's validation split")
+    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
+                   help="test-time augmentation, as in predict")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="refuse uploads larger than this many MiB (default 20); uploads are deleted once classified")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    """``tlkit export``: every deployment format and its checks."""
+    p = sub.add_parser("export", help="export a checkpoint: ONNX (float32 or INT8), torch.export, TorchScript or a plain timm folder")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--output", required=True, type=Path,
-                   help="the file to write (.onnx or .pt), or the folder for --format timm")
+                   help="the file to write (.onnx, .pt2 or .pt), or the folder for --format timm")
     p.add_argument("--format", choices=["onnx", "onnx-int8", "torch-export", "torchscript", "timm"], default="onnx",
                    help="onnx-int8: statically quantised for the edge (calibrated on photos); torch-export: a "
                         ".pt2 ExportedProgram (dynamic batch); timm: a folder plain timm loads with "
@@ -740,21 +760,6 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduce-range", action="store_true",
                    help="onnx-int8: 7-bit weights, for x86 CPUs without VNNI (onnxruntime's saturation note)")
     p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("demo", help="serve a web page that classifies an uploaded photo (needs tlkit[demo])")
-    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 serves other machines (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default: the first free port from 7860)")
-    p.add_argument("--top-k", type=int, default=3, help="classes shown with their probabilities (default 3)")
-    p.add_argument("--examples", help="example photos under the upload: a folder or glob (at most 12), or none; "
-                                      "default: one photo per class of the run's validation split")
-    p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
-                   help="test-time augmentation, as in predict")
-    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0,
-                   help="refuse uploads larger than this many MiB (default 20); uploads are deleted once classified")
-    p.set_defaults(func=_cmd_demo)
 
 
 def _one_line(errors: list[dict], root: type | None = None) -> str:
