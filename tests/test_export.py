@@ -123,3 +123,39 @@ def test_cli_export_reads_the_check_photos_before_writing_and_accepts_plain_fold
     assert main([*args, "--check", str(plain)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "torch-export" and out["checked_images"] == 3 and out["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("fmt,name", [("timm", "folder"), ("torchscript", "m.pt"), ("torch-export", "m.pt2")])
+def test_cli_check_compares_every_format_with_pytorch(tmp_path, capsys, fmt, name):
+    tuner = tiny_tuner(CLASSES)
+    tuner.save(tmp_path / "m.safetensors")
+    root = copy_sample(tmp_path / "data", CLASSES, 2)
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / name),
+                 "--format", fmt, "--check", str(root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checked_images"] == 6 and out["max_abs_logit_diff"] <= 1e-4
+
+
+def test_cli_check_of_a_missing_folder_names_the_option_and_writes_nothing(tmp_path, capsys):
+    tuner = tiny_tuner(CLASSES)
+    tuner.save(tmp_path / "m.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "m.onnx"),
+                 "--check", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--check " + str(tmp_path / "nope") + ": no such folder, file or glob match")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_shows_no_torch_exporter_warnings(tmp_path):
+    pytest.importorskip("onnx")
+    import warnings
+
+    import timm
+
+    from tlkit import HeadReplacer
+
+    model = HeadReplacer(3).apply(timm.create_model("mobilenetv2_050", pad_type="same"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "m.onnx", (3, 96, 96))
+    assert not [str(w.message)[:80] for w in seen]

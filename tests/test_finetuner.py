@@ -429,3 +429,14 @@ def test_predict_shows_a_progress_bar_only_when_asked_and_on_a_terminal(image_ro
     term.truncate(0)
     tiny_tuner(CLASSES, progress=False).predict(photos, batch_size=1)
     assert "predict" not in term.getvalue()
+
+
+def test_a_partial_data_config_is_completed_from_the_model():
+    import timm
+
+    from tlkit import HeadReplacer, resolve_data_config
+
+    model = HeadReplacer(3).apply(timm.create_model("test_resnet"))
+    expected = {**resolve_data_config(model), "input_size": [3, 96, 96]}
+    tuner = FineTuner(model, CLASSES, data_config={"input_size": [3, 96, 96]})
+    assert tuner.data_config == expected

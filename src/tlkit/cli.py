@@ -389,7 +389,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
-    from tlkit.export import check_onnx, check_torch_export, export_onnx, export_torch, export_torchscript
+    from tlkit.export import (
+        check_onnx, check_torch_export, check_torchscript, export_onnx, export_torch, export_torchscript,
+    )
 
     tuner = FineTuner.load(args.checkpoint, device="cpu", progress=False)
     meta = {"classes": tuner.classes, "data_config": tuner.data_config, "backbone": tuner.backbone.name}
@@ -398,17 +400,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     x, labels = _check_batch(tuner, args.check, args.check_limit) if args.check is not None else (None, None)
     if args.format == "onnx-int8":
         return _export_int8(tuner, args, meta, x, labels)
-    if args.format in ("timm", "torchscript"):
-        out = tuner.save_pretrained(args.output) if args.format == "timm" else \
-            export_torchscript(tuner.model, args.output, size, metadata=meta)
-        extra = {"load_with": f"timm.create_model('local-dir:{out}', pretrained=True)"} if args.format == "timm" else {}
-        print(json.dumps({"format": args.format, "path": str(out), **extra}))
-        return 0
-    if args.format == "torch-export":
+    if args.format == "timm":
+        from tlkit.hub import check_timm_folder
+
+        out, check = tuner.save_pretrained(args.output), check_timm_folder
+    elif args.format == "torchscript":
+        out, check = export_torchscript(tuner.model, args.output, size, metadata=meta), check_torchscript
+    elif args.format == "torch-export":
         out, check = export_torch(tuner.model, args.output, size, metadata=meta), check_torch_export
     else:
         out, check = export_onnx(tuner.model, args.output, size, opset=args.opset, metadata=meta), check_onnx
     result: dict = {"format": args.format, "path": str(out)}
+    if args.format == "timm":
+        result["load_with"] = f"timm.create_model('local-dir:{out}', pretrained=True)"
     if x is not None:
         result.update(checked_images=len(x), max_abs_logit_diff=check(out, tuner.model, x))
     print(json.dumps(result))
@@ -436,6 +440,13 @@ def _export_int8(tuner, args: argparse.Namespace, meta: dict, x, labels) -> int:
     return 0
 
 
+def glob_or_path_exists(where: Path | str) -> bool:
+    """Whether ``where`` is an existing path or a glob pattern (checked when expanded)."""
+    import glob
+
+    return glob.has_magic(str(where)) or Path(where).exists()
+
+
 def _spread(files: list[Path], n: int) -> list[Path]:
     """``n`` files evenly spaced through ``files`` (sorted by class folder, so every class is sampled)."""
     return files if len(files) <= n else [files[i * len(files) // n] for i in range(n)]
@@ -448,6 +459,8 @@ def _calibration_batch(tuner, args: argparse.Namespace):
     from tlkit import RunConfig, load_datasets
 
     if args.calibration is not None:
+        if not glob_or_path_exists(args.calibration):
+            raise FileNotFoundError(f"--calibration {args.calibration}: no such folder, file or glob match")
         files, source = _expand([str(args.calibration)]), str(args.calibration)
     else:
         checkpoint = Path(args.checkpoint)
@@ -470,6 +483,8 @@ def _check_batch(tuner, where: Path, limit: int = 16):
     """
     import torch
 
+    if not glob_or_path_exists(where):
+        raise FileNotFoundError(f"--check {where}: no such folder, file or glob match")
     files = _expand([str(where)])
     files = _spread(files, limit) if limit else files
     if not files:
@@ -618,11 +633,16 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(args.pattern, timm.list_models(pretrained=args.pretrained), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; patterns are globs, e.g. '*mobilenet*'"
         raise ValueError(f"no timm model matches {args.pattern!r}{hint}")
+    shown = 0
     for name in names:
         offline = _offline_weights(name.split(".")[0]) if args.offline or args.pattern else ""
         if args.offline and not offline:
             continue
+        shown += 1
         print(f"{name}\t{offline}" if offline else name)
+    if not shown:
+        print(f"tlkit backbones: none of the {len(names)} matching model(s) has weights on this machine "
+              "(a weights file: BackboneConfig.weights / --set backbone.weights=FILE)", file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_onnx", "check_torch_export", "export_onnx", "export_torch", "export_torchscript"]
+__all__ = ["check_onnx", "check_torch_export", "check_torchscript", "export_onnx", "export_torch", "export_torchscript"]
 
 
 def _example(model: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> torch.Tensor:
@@ -98,10 +98,15 @@ def export_onnx(
     plain = _static_same_padding(_plain_copy(model).cpu(), tuple(input_size))
     x = _example(plain, tuple(input_size))
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.onnx.export(
-        plain, (x,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-    )
+    # The TorchScript-based exporter warns about its own deprecation and constant folding of
+    # timm's shape arithmetic: nothing the user can act on (the parity check is what counts).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # only torch's exporter runs in this block
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            plain, (x,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )
     proto = onnx.load(str(tmp))
     for k, v in (metadata or {}).items():
         entry = proto.metadata_props.add()
@@ -188,6 +193,16 @@ def export_torch(model: nn.Module, path: str | Path, input_size: tuple[int, int,
     torch.export.save(program, str(tmp), extra_files={"tlkit.json": json.dumps(metadata or {})})
     tmp.replace(path)
     return path
+
+
+def check_torchscript(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute logit difference between the saved TorchScript file and PyTorch on ``x``."""
+    plain = _plain_copy(model).cpu()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return float((loaded(x.float().cpu()) - plain(x.float().cpu())).abs().max())
 
 
 def check_torch_export(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:

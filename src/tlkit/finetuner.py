@@ -45,6 +45,8 @@ from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
 from tlkit.tta import check_tta_mode
 
+_DATA_KEYS = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
+
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
 
@@ -68,7 +70,8 @@ class FineTuner:
         policy: which parameters train at each epoch; default full fine-tune.
         config: optimisation and loop settings.
         data_config: timm data config (see `tlkit.resolve_data_config`); default from the
-            model's ``pretrained_cfg`` with the backbone config's overrides. Saved in every
+            model's ``pretrained_cfg`` with the backbone config's overrides; a partial dict
+            (``{"input_size": [3, 160, 160]}``) is completed from the model. Saved in every
             checkpoint and used by `predict`.
         augment: training augmentation.
         output_dir: run folder for checkpoints and ``metrics.jsonl``; ``None`` writes nothing.
@@ -112,6 +115,8 @@ class FineTuner:
         self.callbacks: list[Callback] = list(callbacks or [])
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
+        if data_config and not _DATA_KEYS <= set(data_config):  # a partial one: the rest from the model
+            data_config = resolve_data_config(model, data_config)
         # A model that went through FineTuner keeps its resolved data config when wrapped again.
         self.data_config = (data_config or getattr(model, "tlkit_data_config", None)
                             or resolve_data_config(model, self.backbone.data_config))

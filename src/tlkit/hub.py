@@ -30,7 +30,7 @@ from tlkit.lora import has_lora, merged_copy
 if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
 
-__all__ = ["load_pretrained", "push_to_hub", "save_pretrained", "timm_state_dict"]
+__all__ = ["check_timm_folder", "load_pretrained", "push_to_hub", "save_pretrained", "timm_state_dict"]
 
 _MAX_CONFIG_BYTES = 1 << 20
 _DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -161,6 +161,14 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, list[str], dict[str, A
     except (RuntimeError, OSError) as e:
         raise ValueError(f"{weights}: does not fit {arch} with {len(classes)} classes: {str(e).splitlines()[0]}") from None
     return model.eval(), classes, kwargs, data
+
+
+def check_timm_folder(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute logit difference between plain timm's ``local-dir:`` model and ``model`` on ``x``."""
+    plain = timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval()
+    source = merged_copy(model).float().eval().cpu()
+    with torch.no_grad():
+        return float((plain(x.float().cpu()) - source(x.float().cpu())).abs().max())
 
 
 def push_to_hub(tuner: FineTuner, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
