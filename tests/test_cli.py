@@ -387,3 +387,15 @@ def test_config_prints_the_resolved_config_and_a_commented_template(tmp_path, ca
     assert "  # Stratified validation share.\n  val_fraction: 0.2\n" in template
     (tmp_path / "run.yaml").write_text(template)  # the template is a valid config: the defaults
     assert RunConfig.from_file(tmp_path / "run.yaml") == RunConfig()
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["export", "--checkpoint", "x", "--output", "y", "--calibration-images", "0"], "give a whole number >= 1"),
+    (["trian"], "invalid choice: 'trian'"),
+    (["predict"], "the following arguments are required"),
+])
+def test_argument_errors_are_one_line_with_exit_2(argv, shown, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and shown in err and "usage:" not in err

@@ -646,11 +646,18 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``tlkit export: error: ... (see tlkit export --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tlkit`` command."""
     from tlkit._version import __version__
 
-    parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning on any timm backbone.")
+    parser = _Parser(prog="tlkit", description="Transfer learning on any timm backbone.")
     parser.add_argument("--version", action="version", version=f"tlkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
