@@ -16,6 +16,8 @@ from tlkit.config import BackboneConfig, DataConfigOverrides
 __all__ = ["HubDownloadError", "create_backbone", "load_weights", "read_state_dict", "resolve_data_config"]
 
 _COUNTER = "num_batches_tracked"
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+"""The keys of a resolved data config (`resolve_data_config`)."""
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

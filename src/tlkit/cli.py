@@ -286,11 +286,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config_file(checkpoint: Path | str) -> Path:
+    """The ``config.yaml`` of a checkpoint's run: in the run folder given, or beside the checkpoint file."""
+    checkpoint = Path(checkpoint)
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+
+
 def _recorded_split(checkpoint: Path, classes: list[str]):
     """The validation split a run recorded in its ``config.yaml`` (next to the checkpoint, or in the run folder)."""
     from tlkit import RunConfig, load_datasets
 
-    config_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+    config_file = _run_config_file(checkpoint)
     if not config_file.is_file():
         raise FileNotFoundError(f"--split val: no {config_file}: the run's split is recorded there; "
                                 "pass --data FOLDER instead")
@@ -399,7 +405,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     # The check's photos are read before anything is written: a bad --check leaves no file behind.
     x, labels = _check_batch(tuner, args.check, args.check_limit) if args.check is not None else (None, None)
     if args.format == "onnx-int8":
-        return _export_int8(tuner, args, meta, x, labels)
+        return _export_int8(tuner, args, meta, size, x, labels)
     if args.format == "timm":
         from tlkit.hub import check_timm_folder
 
@@ -419,14 +425,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_int8(tuner, args: argparse.Namespace, meta: dict, x, labels) -> int:
+def _export_int8(tuner, args: argparse.Namespace, meta: dict, size: tuple, x, labels) -> int:
     """``--format onnx-int8``: calibrate, quantise, and with ``--check`` compare with the float32 ONNX."""
     import tempfile
 
     from tlkit.export import export_onnx
     from tlkit.quantize import compare_onnx, export_onnx_int8
 
-    size = tuple(tuner.data_config["input_size"])
     calibration, source = _calibration_batch(tuner, args)
     out = export_onnx_int8(tuner.model, args.output, size, calibration, metadata=meta, opset=args.opset,
                            method=args.calibration_method, reduce_range=args.reduce_range)
@@ -440,11 +445,24 @@ def _export_int8(tuner, args: argparse.Namespace, meta: dict, x, labels) -> int:
     return 0
 
 
-def glob_or_path_exists(where: Path | str) -> bool:
-    """Whether ``where`` is an existing path or a glob pattern (checked when expanded)."""
+def _option_files(option: str, where: Path | str) -> list[Path]:
+    """The image files an option names (a folder, file or glob; see `_expand`); a missing path is an error.
+
+    Raises:
+        FileNotFoundError: ``where`` neither exists nor is a glob; the message names ``option``.
+    """
     import glob
 
-    return glob.has_magic(str(where)) or Path(where).exists()
+    if not (glob.has_magic(str(where)) or Path(where).exists()):
+        raise FileNotFoundError(f"{option} {where}: no such folder, file or glob match")
+    return _expand([str(where)])
+
+
+def _inputs(tuner, files: list[Path]):
+    """Model inputs ``(N, 3, H, W)`` of ``files``, read as `tlkit predict` reads them."""
+    import torch
+
+    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
 
 
 def _spread(files: list[Path], n: int) -> list[Path]:
@@ -454,17 +472,12 @@ def _spread(files: list[Path], n: int) -> list[Path]:
 
 def _calibration_batch(tuner, args: argparse.Namespace):
     """``(calibration inputs, where they came from)``: ``--calibration``, else the run's training split."""
-    import torch
-
     from tlkit import RunConfig, load_datasets
 
     if args.calibration is not None:
-        if not glob_or_path_exists(args.calibration):
-            raise FileNotFoundError(f"--calibration {args.calibration}: no such folder, file or glob match")
-        files, source = _expand([str(args.calibration)]), str(args.calibration)
+        files, source = _option_files("--calibration", args.calibration), str(args.calibration)
     else:
-        checkpoint = Path(args.checkpoint)
-        config_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+        config_file = _run_config_file(args.checkpoint)
         if not config_file.is_file():
             raise ValueError(f"--format onnx-int8 needs --calibration FOLDER (photos like the training ones), "
                              f"or a checkpoint beside the config.yaml of its run (no {config_file})")
@@ -473,7 +486,7 @@ def _calibration_batch(tuner, args: argparse.Namespace):
     files = _spread(files, args.calibration_images)
     if not files:
         raise ValueError(f"--calibration {source}: no image files there")
-    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files]), source
+    return _inputs(tuner, files), source
 
 
 def _check_batch(tuner, where: Path, limit: int = 16):
@@ -481,15 +494,11 @@ def _check_batch(tuner, where: Path, limit: int = 16):
 
     Labels come from class sub-folders named like the checkpoint's classes (``None`` otherwise).
     """
-    import torch
-
-    if not glob_or_path_exists(where):
-        raise FileNotFoundError(f"--check {where}: no such folder, file or glob match")
-    files = _expand([str(where)])
+    files = _option_files("--check", where)
     files = _spread(files, limit) if limit else files
     if not files:
         raise ValueError(f"--check {where}: no image files there")
-    x = torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
+    x = _inputs(tuner, files)
     named = Path(where).is_dir() and all(f.parent.name in tuner.classes for f in files)
     return x, ([tuner.classes.index(f.parent.name) for f in files] if named else None)
 

@@ -450,11 +450,6 @@ class TrainConfig(StrictModel):
         description="Print progress: True, one plain line per epoch plus tqdm bars when the output is a "
         "terminal (a pipe or a log file never gets bar frames); 'epochs', the epoch lines only; False, nothing.",
     )
-
-    @property
-    def bars(self) -> bool:
-        """Whether tqdm bars may show (on a terminal only): ``progress`` is True."""
-        return self.progress is True
     feature_cache: bool = Field(
         False,
         description="In epochs where only the classifier trains, compute the frozen backbone's "
@@ -515,6 +510,11 @@ class TrainConfig(StrictModel):
                 f"warmup_epochs ({self.warmup_epochs}) is longer than epochs ({self.epochs})"
             )
         return self
+
+    @property
+    def bars(self) -> bool:
+        """Whether tqdm bars may show (on a terminal only): ``progress`` is True."""
+        return self.progress is True
 
 
 # Reading config text that may come from anyone. A config is a few hundred YAML nodes (a

@@ -129,6 +129,18 @@ def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes
     return preview, prediction.probabilities
 
 
+def _check_arguments(top_k: int, tta: str, max_upload_bytes: int, examples: Sequence[str | Path]) -> None:
+    """The errors `build_demo` documents, before anything is built."""
+    missing = [str(p) for p in examples if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"demo examples not found: {missing[:3]}")
+    check_tta_mode(tta)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+
+
 def build_demo(
     tuner: FineTuner, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, examples: Sequence[str | Path] = (),
@@ -163,14 +175,7 @@ def build_demo(
         FileNotFoundError: an example is not a file.
     """
     gr = _import_gradio()
-    missing = [str(p) for p in examples if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"demo examples not found: {missing[:3]}")
-    check_tta_mode(tta)
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    _check_arguments(top_k, tta, max_upload_bytes, examples)
     def classify(upload: dict[str, Any] | str | None):
         # Called with Gradio's file payload ({"path", "orig_name", ...}, see _layout).
         path = upload if isinstance(upload, str) else (upload or {}).get("path")

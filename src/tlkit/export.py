@@ -8,6 +8,7 @@ the same eval transform (`tlkit.create_transforms`, or the values in the checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_onnx", "check_torch_export", "check_torchscript", "export_onnx", "export_torch", "export_torchscript"]
+__all__ = ["check_onnx", "check_torch_export", "check_torchscript", "export_onnx", "export_torch", "export_torchscript",
+           "logit_gap", "set_onnx_metadata"]
 
 
 def _example(model: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> torch.Tensor:
@@ -108,13 +110,39 @@ def export_onnx(
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )
     proto = onnx.load(str(tmp))
-    for k, v in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, json.dumps(v)
+    set_onnx_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
     tmp.replace(path)
     return path
+
+
+def set_onnx_metadata(proto: Any, metadata: dict[str, Any] | None) -> None:
+    """Replace an ONNX ``ModelProto``'s ``metadata_props`` with ``metadata`` (values JSON-encoded)."""
+    del proto.metadata_props[:]
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+
+
+def logit_gap(model: nn.Module, x: torch.Tensor, run) -> float:
+    """Largest absolute difference between ``run(x)`` (an exported model's logits) and ``model``'s.
+
+    ``model`` runs as every export sees it (`_plain_copy`: float32, eval mode, LoRA merged, CPU).
+    """
+    plain = _plain_copy(model).cpu()
+    x = x.float().cpu().contiguous()
+    with torch.no_grad():
+        return float((torch.as_tensor(run(x)) - plain(x)).abs().max())
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    # torch 2.9+ deprecates torch.jit (FutureWarning on trace, trace_method, save and load): the
+    # user asked for TorchScript, so the notice is not theirs to act on; `export_torch` is the successor.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
 
 
 def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
@@ -132,12 +160,8 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError('checking an ONNX export needs onnxruntime: pip install "tlkit[export]"') from e
-    plain = _plain_copy(model).cpu()
-    with torch.no_grad():
-        expected = plain(x.float().cpu().contiguous())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input": x.float().cpu().contiguous().numpy()})
-    return float((torch.from_numpy(got) - expected).abs().max())
+    return logit_gap(model, x, lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]))
 
 
 def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],
@@ -160,10 +184,7 @@ def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = _plain_copy(model).cpu()
     tmp = path.with_name(f".{path.name}.tmp")
-    # torch 2.9+ deprecates torch.jit (FutureWarning on trace, trace_method and save): the user
-    # asked for TorchScript, so the notice is not theirs to act on; `export_torch` is the successor.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    with _quiet_jit():
         with torch.no_grad():
             traced = torch.jit.trace(plain, _example(plain, tuple(input_size)))
         torch.jit.save(traced, str(tmp), _extra_files={"tlkit.json": json.dumps(metadata or {})})
@@ -197,18 +218,11 @@ def export_torch(model: nn.Module, path: str | Path, input_size: tuple[int, int,
 
 def check_torchscript(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
     """Largest absolute logit difference between the saved TorchScript file and PyTorch on ``x``."""
-    plain = _plain_copy(model).cpu()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    with _quiet_jit():
         loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return float((loaded(x.float().cpu()) - plain(x.float().cpu())).abs().max())
+    return logit_gap(model, x, loaded)
 
 
 def check_torch_export(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
     """Largest absolute logit difference between the saved ``ExportedProgram`` and PyTorch on ``x``."""
-    plain = _plain_copy(model).cpu()
-    with torch.no_grad():
-        expected = plain(x.float().cpu())
-        got = torch.export.load(str(path)).module()(x.float().cpu())
-    return float((got - expected).abs().max())
+    return logit_gap(model, x, torch.export.load(str(path)).module())

@@ -31,7 +31,7 @@ from tlkit._training.rng import seeded
 from tlkit._training.workers import worker_init_fn
 from tlkit._training.runtime import (Runtime, flush_denormal, make_grad_scaler, resolve_device,
                                      resolve_precision)
-from tlkit.backbone import create_backbone, resolve_data_config
+from tlkit.backbone import DATA_CONFIG_KEYS, create_backbone, resolve_data_config
 from tlkit.callbacks import Callback
 from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
@@ -44,8 +44,6 @@ from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
 from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
 from tlkit.tta import check_tta_mode
-
-_DATA_KEYS = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
 
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
@@ -115,7 +113,7 @@ class FineTuner:
         self.callbacks: list[Callback] = list(callbacks or [])
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
-        if data_config and not _DATA_KEYS <= set(data_config):  # a partial one: the rest from the model
+        if data_config and not set(DATA_CONFIG_KEYS) <= set(data_config):  # a partial one: the rest from the model
             data_config = resolve_data_config(model, data_config)
         # A model that went through FineTuner keeps its resolved data config when wrapped again.
         self.data_config = (data_config or getattr(model, "tlkit_data_config", None)

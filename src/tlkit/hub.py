@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tlkit._introspect import classifier_module_names
+from tlkit.backbone import DATA_CONFIG_KEYS
 from tlkit.head import TaskHead
 from tlkit.lora import has_lora, merged_copy
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["check_timm_folder", "load_pretrained", "push_to_hub", "save_pretrained", "timm_state_dict"]
 
 _MAX_CONFIG_BYTES = 1 << 20
-_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def save_pretrained(tuner: FineTuner, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     plain = _plain_timm_model(tuner)
-    data = {k: tuner.data_config[k] for k in _DATA_KEYS if k in tuner.data_config}
+    data = {k: tuner.data_config[k] for k in DATA_CONFIG_KEYS if k in tuner.data_config}
     data["input_size"] = tuple(data["input_size"])
     timm.models.save_for_hf(plain, str(path), model_config={"label_names": list(tuner.classes)},
                             model_args=dict(tuner.backbone.model_kwargs), data_config=data, safe_serialization=True)
@@ -133,7 +133,7 @@ def _checked(config: dict[str, Any], file: Path) -> tuple[str, list[str], dict[s
     # The same bounds as a checkpoint: the config models validate names, kwargs and preprocessing.
     BackboneConfig(name=arch, pretrained=False, model_kwargs=kwargs)
     cfg = config.get("pretrained_cfg") or {}
-    data = DataConfigOverrides.model_validate({k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None})
+    data = DataConfigOverrides.model_validate({k: cfg[k] for k in DATA_CONFIG_KEYS if cfg.get(k) is not None})
     return arch, names, kwargs, data.model_dump(exclude_none=True)
 
 
@@ -165,10 +165,9 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, list[str], dict[str, A
 
 def check_timm_folder(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
     """Largest absolute logit difference between plain timm's ``local-dir:`` model and ``model`` on ``x``."""
-    plain = timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval()
-    source = merged_copy(model).float().eval().cpu()
-    with torch.no_grad():
-        return float((plain(x.float().cpu()) - source(x.float().cpu())).abs().max())
+    from tlkit.export import logit_gap
+
+    return logit_gap(model, x, timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval())
 
 
 def push_to_hub(tuner: FineTuner, repo_id: str, *, token: str | None = None, private: bool = True) -> str:

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlkit.export import export_onnx
+from tlkit.export import export_onnx, set_onnx_metadata
 
 __all__ = ["CALIBRATION_IMAGES", "compare_onnx", "export_onnx_int8", "images_per_second", "onnx_logits",
            "read_metadata"]
 
 CALIBRATION_IMAGES = 128
 """Calibration photos `tlkit export --format onnx-int8` takes from the training folder by default."""
+_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # -> onnxruntime CalibrationMethod
 _CALIBRATION_BATCH = 8  # photos per calibration run (MobileNetV2's activations at 448 x 336: ~0.1 GB a photo)
 
 
@@ -58,17 +59,21 @@ def _reader(calibration: torch.Tensor, batch: int):
     return _Batches()
 
 
-def _copy_metadata(source: Path, target: Path) -> None:
+def _with_metadata(target: Path, metadata: dict[str, Any] | None) -> None:
     # quantize_static rebuilds the graph and keeps no metadata_props: class names go back in.
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     proto = onnx.load(str(target))
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_onnx_metadata(proto, metadata)
     onnx.save(proto, str(target))
+
+
+def _check_calibration(calibration: torch.Tensor, input_size: tuple[int, int, int], method: str) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r}: use one of {sorted(_METHODS)}")
+    if calibration.ndim != 4 or len(calibration) == 0 or tuple(calibration.shape[1:]) != tuple(input_size):
+        raise ValueError(f"calibration must be (N, {', '.join(map(str, input_size))}) with N >= 1, "
+                         f"got {tuple(calibration.shape)}")
 
 
 def export_onnx_int8(
@@ -109,13 +114,7 @@ def export_onnx_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if method not in methods:
-        raise ValueError(f"method={method!r}: use one of {sorted(methods)}")
-    if calibration.ndim != 4 or len(calibration) == 0 or tuple(calibration.shape[1:]) != tuple(input_size):
-        raise ValueError(f"calibration must be (N, {', '.join(map(str, input_size))}) with N >= 1, "
-                         f"got {tuple(calibration.shape)}")
+    _check_calibration(calibration, input_size, method)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tlkit-int8-", dir=path.parent) as tmp:
@@ -127,9 +126,9 @@ def export_onnx_int8(
         quantize_static(
             str(prepared), str(tmp_out), _reader(calibration, batch=_CALIBRATION_BATCH), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
         )
-        _copy_metadata(fp32, tmp_out)
+        _with_metadata(tmp_out, metadata)
         tmp_out.replace(path)
     return path
 
