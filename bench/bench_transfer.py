@@ -35,21 +35,18 @@ sys.path.insert(0, str(REPO / "src"))
 
 from tlkit import (  # noqa: E402
     BackboneConfig,
-    DataConfigOverrides,
     FineTuner,
     FreezePolicy,
     HeadReplacer,
     ImageFolderDataset,
     TrainConfig,
     create_backbone,
+    resolve_backbone,
     stratified_split,
 )
 
 WEIGHTS = REPO / "examples" / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
-BACKBONE = BackboneConfig(
-    name="mobilenetv2_100", weights=WEIGHTS, model_kwargs={"pad_type": "same"},
-    data_config=DataConfigOverrides(mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875),
-)
+BACKBONE = resolve_backbone(BackboneConfig(name="mobilenetv2_100", weights=WEIGHTS))  # pad_type, mean/std from the file
 
 
 def subset(ds: ImageFolderDataset, n: int | None, seed: int = 0) -> ImageFolderDataset:

@@ -88,10 +88,15 @@ def test_unknown_model_name_suggests_close_ones():
 
 
 def test_hub_failure_explains_the_offline_route(monkeypatch):
+    import tlkit.backbone as backbone
+    import tlkit.pretrained as pretrained
+
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(pretrained, "hub_unreachable_reason", lambda timeout=3.0: "")
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: True)
     with pytest.raises(RuntimeError, match="weights=PATH"):
         create_backbone(BackboneConfig(name="resnet18", pretrained=True))
 

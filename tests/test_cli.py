@@ -359,7 +359,34 @@ def test_the_model_card_states_the_recorded_split(tmp_path, capsys):
 
 
 def test_no_network_and_no_weights_is_one_line_naming_the_offline_fix(tmp_path, capsys, monkeypatch):
+    """Issue 23: no hub retries when the hub cannot be reached; the line names the weights this machine has."""
     import timm
+
+    import tlkit.pretrained as pretrained
+
+    asked = []
+
+    def never(*args, **kwargs):
+        asked.append(kwargs.get("pretrained"))
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", never)
+    monkeypatch.setattr(pretrained, "hub_unreachable_reason", lambda timeout=3.0: "huggingface.co: Name or service not known")
+    root = copy_sample(tmp_path / "data", per_class=2)
+    assert main(_tiny_run_args(root, tmp_path / "run", "backbone.name=resnet18", "backbone.pretrained=true")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backbone 'resnet18': no weights on this machine" in err
+    assert "Name or service not known" in err and "tlkit backbones --offline" in err
+    assert "mobilenetv2_100" in err and "--set backbone.weights=FILE" in err  # the shipped file of this checkout
+    assert True not in asked  # no download was tried
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_download_is_one_line_naming_the_offline_fix(tmp_path, capsys, monkeypatch):
+    import timm
+
+    import tlkit.pretrained as pretrained
 
     def offline(*args, **kwargs):
         if kwargs.get("pretrained"):
@@ -368,11 +395,15 @@ def test_no_network_and_no_weights_is_one_line_naming_the_offline_fix(tmp_path, 
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(pretrained, "hub_unreachable_reason", lambda timeout=3.0: "")  # the hub answers...
+    import tlkit.backbone as backbone
+
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: True)
     root = copy_sample(tmp_path / "data", per_class=2)
     assert main(_tiny_run_args(root, tmp_path / "run", "backbone.name=resnet18", "backbone.pretrained=true")) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err  # ...but the download fails
     assert err.count("\n") == 1 and "could not download pretrained weights for 'resnet18'" in err
-    assert "--set backbone.weights=PATH" in err
+    assert "--set backbone.weights=PATH" in err and "tlkit backbones --offline" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -238,17 +238,19 @@ def test_cli_demo_refuses_a_bad_upload_limit(tmp_path, capsys):
     assert "--max-upload-mb must be in (0, 1024]" in capsys.readouterr().err
 
 
-def _dataset_samples(demo) -> list:
-    """The sample rows of the page's example table (Gradio's ``dataset`` component)."""
-    return [c["props"]["samples"] for c in demo.config["components"] if c.get("type") == "dataset"]
+def _gallery_values(demo) -> list:
+    """The example thumbnails of the page (Gradio's ``gallery`` component), one list per gallery."""
+    return [c["props"]["value"] for c in demo.config["components"] if c.get("type") == "gallery"]
 
 
-def test_example_photos_are_shown_and_a_missing_one_is_named(served, tmp_path):
+def test_example_photos_are_shown_under_neutral_names_and_a_missing_one_is_named(served, tmp_path):
     tuner, _ = served
     photos = [sorted((SAMPLE / c).iterdir())[2] for c in CLASSES]
-    assert _dataset_samples(build_demo(tuner)) == []
-    (samples,) = _dataset_samples(build_demo(tuner, examples=photos))
-    assert len(samples) == 3
+    assert _gallery_values(build_demo(tuner)) == []
+    (shown,) = _gallery_values(build_demo(tuner, examples=photos))
+    names = [Path(item["image"]["path"]).name for item in shown]
+    assert names == ["example-1.jpg", "example-2.jpg", "example-3.jpg"]  # no class name gives the answer away
+    assert not any(c in str(shown) for c in CLASSES)
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         build_demo(tuner, examples=[tmp_path / "nope.jpg"])
 
@@ -284,7 +286,8 @@ def test_clicking_an_example_photo_classifies_it_in_chromium(cache, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(demo.local_url)
-            page.get_by_text(photo.name).first.click()
+            assert photo.name not in page.content()  # the thumbnail does not give the answer away
+            page.locator(".thumbnail-item").first.click()
             label = page.get_by_test_id("label-output-value")
             label.wait_for(timeout=60_000)
             assert label.inner_text().strip() == expected.label
@@ -292,3 +295,52 @@ def test_clicking_an_example_photo_classifies_it_in_chromium(cache, tmp_path):
         assert photo.is_file()  # the operator's photo is never deleted
     finally:
         demo.close()
+
+
+def test_a_normal_click_sequence_never_shows_an_error_in_chromium(served, cache, tmp_path, capfd):
+    """Issue 23: after a photo was classified (and its upload deleted) nothing on the page asks for it
+    again; a broken photo is one line on the page and one line in the server log, no traceback."""
+    sync_playwright = _browser_or_skip()
+    tuner, demo = served
+    good = sorted((SAMPLE / "metal").iterdir())[4]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:300])
+    capfd.readouterr()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(demo.local_url)
+        assert page.get_by_role("button", name="Classify").count() == 0  # nothing to press twice
+        label = page.get_by_test_id("label-output-value")
+        for photo in (good, bad, good):
+            page.locator("input[type=file]").set_input_files(str(photo))
+            if photo == bad:
+                page.get_by_text("Could not classify").wait_for(timeout=60_000)
+                assert page.get_by_text("broken.jpg: cannot decode").is_visible()
+            else:
+                label.wait_for(timeout=60_000)
+                assert label.inner_text().strip() == tuner.predict(good)[0].label
+                assert page.get_by_text("Could not classify").count() == 0
+            page.wait_for_timeout(300)
+            assert page.get_by_text("Error", exact=True).count() == 0  # no red error badges, no error toast
+            page.locator("button[aria-label='Clear']").first.click()  # as a visitor does before the next photo
+            page.wait_for_timeout(300)
+            assert page.get_by_text("Error", exact=True).count() == 0
+        browser.close()
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("tlkit demo:")] == \
+        ["tlkit demo: broken.jpg: cannot decode" + err.split("tlkit demo: broken.jpg: cannot decode", 1)[1].splitlines()[0]]
+    assert "Traceback" not in err
+
+
+def test_the_api_reports_a_bad_file_without_a_traceback_in_the_log(served, tmp_path, capfd):
+    from gradio_client import handle_file
+
+    _, demo = served
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    capfd.readouterr()
+    with pytest.raises(Exception, match="broken.jpg"):
+        _client(demo, tmp_path).predict(handle_file(str(bad)), api_name="/classify")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and sum(line.startswith("tlkit demo: broken.jpg") for line in err.splitlines()) == 1

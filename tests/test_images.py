@@ -241,12 +241,16 @@ def test_a_file_that_breaks_after_the_scan_is_skipped_not_fatal(tmp_path):
 def test_predict_bounds_pixels_and_bytes_of_untrusted_files(tmp_path):
     tuner = tiny_tuner(["a", "b"])
     with pytest.raises(BadImageError, match=rf"{JPEG.name}: .*max_pixels"):
-        tuner.predict(JPEG, max_pixels=1000)
+        tuner.predict(JPEG, max_pixels=1000, on_error="raise")
     with pytest.raises(BadImageError, match=rf"{JPEG.name}: .*max_bytes"):
-        tuner.predict([JPEG], max_bytes=1000)
+        tuner.predict([JPEG], max_bytes=1000, on_error="raise")
     bomb = png_claiming(tmp_path / "bomb.png", 10_000, 10_000)
     with pytest.raises(BadImageError, match=r"bomb\.png: header claims 10000x10000"):
-        tuner.predict([JPEG, bomb])
+        tuner.predict([JPEG, bomb], on_error="raise")
+    # by default the bomb costs only its own prediction, reported as a warning naming it
+    with pytest.warns(SkippedImageWarning, match=r"bomb\.png: header claims 10000x10000"):
+        preds = tuner.predict([bomb, JPEG])
+    assert [p.path for p in preds] == [str(JPEG)]
     # a transparent PIL image is composited onto white, the same as a file would be
     clear = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
     white = Image.new("RGB", (64, 64), (255, 255, 255))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tlkit"
 # Layers above the façade may use FineTuner; nothing below it may.
-ABOVE_FACADE = {"tlkit.cli", "tlkit.__main__", "tlkit.protocol", "tlkit.demo", "tlkit"}
+ABOVE_FACADE = {"tlkit.cli", "tlkit.__main__", "tlkit.protocol", "tlkit.demo", "tlkit.run", "tlkit"}
 
 
 def _module(path: Path) -> str:

@@ -104,3 +104,34 @@ def test_fit_refuses_a_folder_that_holds_a_run_until_resume_or_overwrite(tmp_pat
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     tiny_tuner(data.classes, output_dir=run, epochs=2).fit(data, None, resume=True)  # resume extends it
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_example_handles_sigterm_like_tlkit_train_and_resumes(tmp_path):
+    """Issue 23: the flagship example ends on SIGTERM with one line and the command that resumes it."""
+    import shlex
+
+    root = copy_sample(tmp_path / "data", CLASSES, 4)
+    out = tmp_path / "run"
+    example = Path(__file__).resolve().parents[1] / "examples" / "garbage" / "train.py"
+    args = ["--data", str(root), "--backbone", "test_resnet", "--recipe", "scratch", "--output", str(out),
+            "--epochs", "200", "--no-progress",
+            "--set", "backbone.pretrained=false", "--set", "backbone.data_config.input_size=[3,64,64]",
+            "--set", "train.batch_size=4", "--set", "train.device=cpu", "--set", "train.warmup_epochs=0"]
+    proc = subprocess.Popen([sys.executable, str(example), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=ENV)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    line = err.strip()
+    assert line.startswith("train.py: interrupted by SIGTERM; ") and "keeps the files of epoch" in line, err
+    again = shlex.split(line.split("continue with: ", 1)[1])
+    assert again[-1] == "--resume" and again[1] == str(example)
+    done = int(line.split("keeps the files of epoch ")[1].split(";")[0])
+    again[again.index("200")] = str(done + 1)  # resume, and stop one epoch later
+    proc = subprocess.run([sys.executable, *again[1:]], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == done + 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,42 +40,12 @@ from tlkit import (
     load_datasets,
 )
 from tlkit.recipes import RECIPES
-from tlkit.runlock import check_run_folder
+from tlkit.run import fit_run, interrupted, prepare_run
 
 HERE = Path(__file__).resolve().parent
-
-# Weights that ship with this example, with what they need to be used correctly
-# (see weights/README.md): TensorFlow's "same" padding and mean = std = 0.5 preprocessing.
-OFFLINE = {
-    "mobilenetv2_100": dict(
-        weights=HERE / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors",
-        model_kwargs={"pad_type": "same"},
-        data_config=DataConfigOverrides(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                                        interpolation="bicubic", crop_pct=0.875),
-    ),
-}
-
-# TrashNet photos are 384 x 512 portraits with the object filling the frame. A frozen backbone's
-# pooled features of the whole frame (the photos' own aspect; squash = resize, no crop) beat
-# timm's 224 centre crop: MobileNetV2 probe top-1 on the bench's held-out photos 85.6% at 224,
-# 89.1% at 384 x 288, 91.1% at 448 x 336 (5-fold CV on the training pool: 83.4% -> 87.1% at
-# 384 x 288). Fine-tuned models gained nothing from it (Lite1: 93.3% at 240 crop and at
-# 320x240/448x336), so only the probe uses it.
-PROBE_VIEW = dict(input_size=(3, 448, 336), crop_pct=1.0, crop_mode="squash")
-# The probe's backbone runs once, forward only: one loader worker decoding the next photos
-# while the two cores run the forward pass took the bench's probe from 52 s to 42 s (384 x 288).
-# Fine-tuning keeps 0 workers: there the worker took cores the backward pass needs.
-PROBE_WORKERS = 1
-
-
-def flagship_data_config(overrides: DataConfigOverrides, recipe: str) -> DataConfigOverrides:
-    """The example's preprocessing for ``recipe``: the full-frame view for the linear probe."""
-    return overrides.model_copy(update=PROBE_VIEW) if recipe == "linear-probe" else overrides
-
-
-def flagship_train_settings(recipe: str) -> dict:
-    """`TrainConfig` fields the example sets for ``recipe`` on top of the recipe (this machine's)."""
-    return {"num_workers": PROBE_WORKERS} if recipe == "linear-probe" else {}
+# The ImageNet weights that ship with this example (see weights/README.md). tlkit recognises the
+# file by its content and fills in what it needs (TensorFlow's "same" padding, inputs in [-1, 1]).
+SHIPPED_WEIGHTS = {"mobilenetv2_100": HERE / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -90,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default finetune-strong: on the shipped sample it reached 77.8%% top-1 on its 36 val photos in 47 s "
                         "(finetune: 72.2%%, dropping to 22%% at the unfreeze; linear-probe: 72.2%%)")
     p.add_argument("--backbone", default="mobilenetv2_100", help="any timm model name")
-    p.add_argument("--weights", type=Path, help="local weights file (default: shipped file, else the hub)")
+    p.add_argument("--weights", type=Path,
+                   help="local weights file (default: the shipped file for mobilenetv2_100; else a file tlkit "
+                        "knows on this machine, the hub cache, or a download)")
     p.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument, e.g. pad_type=same")
     p.add_argument("--mean", type=float, nargs=3, help="override the weights' normalisation mean")
@@ -107,36 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on every photo of --data (no validation split) and ship the final model; "
                         "judge it on photos of your own with `tlkit evaluate`")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder (after Ctrl-C or SIGTERM)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command after an interrupt
+    return args
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    known = OFFLINE.get(args.backbone) if args.weights is None else None
-    kwargs = dict(known["model_kwargs"]) if known else {}
-    kwargs.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_kwarg)})
-    overrides = known["data_config"] if known else DataConfigOverrides()
-    if args.mean:
-        overrides = overrides.model_copy(update={"mean": tuple(args.mean)})
-    if args.std:
-        overrides = overrides.model_copy(update={"std": tuple(args.std)})
-    overrides = flagship_data_config(overrides, args.recipe)
+    """The run's settings: this example's data, weights and seed, then the recipe, then ``--set``.
+
+    Everything else (the probe's view, what a known weights file needs) comes from the library,
+    so ``tlkit train --recipe X`` with the same data and weights records the same config.
+    """
+    kwargs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_kwarg)}
+    overrides = DataConfigOverrides(mean=tuple(args.mean) if args.mean else None,
+                                    std=tuple(args.std) if args.std else None)
     config = RunConfig(
-        backbone=BackboneConfig(
-            name=args.backbone,
-            weights=known["weights"] if known else args.weights,
-            model_kwargs=kwargs,
-            data_config=overrides,
-        ),
+        backbone=BackboneConfig(name=args.backbone, weights=args.weights or SHIPPED_WEIGHTS.get(args.backbone),
+                                model_kwargs=kwargs, data_config=overrides),
         data=DatasetConfig(root=args.data, val_fraction=args.val_fraction, split_seed=args.seed),
         output_dir=args.output or Path("runs") / f"garbage-{args.recipe}",
     )
     config = apply_recipe(config, args.recipe)
-    train = {"seed": args.seed, "progress": not args.no_progress, **flagship_train_settings(args.recipe)}
+    train = {"seed": args.seed, "progress": not args.no_progress}
     if args.epochs:
         train["epochs"] = args.epochs
         train["warmup_epochs"] = min(config.train.warmup_epochs, args.epochs)
@@ -144,18 +115,28 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return config.with_overrides(args.set)
 
 
+def _fit(args: argparse.Namespace, config: RunConfig, train, val):
+    """`tlkit.run.prepare_run` + `fit_run`, as ``tlkit train`` runs them; Ctrl-C/SIGTERM exit with one line."""
+    config, tuner = prepare_run(config, train, val, resume=args.resume)
+    if tuner.is_main:
+        print(f"data: {len(train)} train" + (f" / {len(val)} val" if val is not None else "")
+              + f" images, classes {train.classes}; recipe: {args.recipe}, device: {tuner.device}, "
+              f"autocast: {tuner.amp_dtype}" + (f", processes: {tuner.dist.world_size}" if tuner.dist else ""))
+    t0 = time.perf_counter()
+    try:
+        fit_run(tuner, config, train, val, resume=args.resume, overwrite=args.overwrite, announce=print)
+    except KeyboardInterrupt as e:
+        again = ["python", str(Path(__file__)), *args.argv, *([] if args.resume else ["--resume"])]
+        raise SystemExit(interrupted(e, tuner, Path(__file__).name, again)) from None
+    return config, tuner, time.perf_counter() - t0
+
+
 def refit(args: argparse.Namespace, config: RunConfig) -> dict:
     """Train on all labelled photos once the recipe is chosen: nothing held back, the final model ships."""
     train = ImageFolderDataset(config.data.root)
-    tuner = FineTuner.from_config(config, train.classes)
-    if tuner.is_main:
-        check_run_folder(config.output_dir, overwrite=args.overwrite)  # before config.yaml replaces anything
-        config.to_file(Path(config.output_dir) / "config.yaml")
-    t0 = time.perf_counter()
-    tuner.fit(train, None, overwrite=args.overwrite)
+    config, tuner, wall = _fit(args, config, train, None)
     summary = {"recipe": args.recipe, "backbone": config.backbone.name, "train_images": len(train),
-               "train_seconds": round(time.perf_counter() - t0, 1),
-               "checkpoint": str(Path(config.output_dir) / "last.safetensors")}
+               "train_seconds": round(wall, 1), "checkpoint": str(Path(config.output_dir) / "last.safetensors")}
     (print if tuner.is_main else (lambda *a: None))(json.dumps(summary))
     return summary
 
@@ -166,18 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.refit:
         return refit(args, config)
     train, val = load_datasets(config.data)
-    tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
+    config, tuner, wall = _fit(args, config, train, val)
     say = print if tuner.is_main else (lambda *a, **k: None)  # rank 0 alone prints and writes
-    say(f"data: {len(train)} train / {len(val)} val images, classes {train.classes}")
-    world = f", processes: {tuner.dist.world_size}" if tuner.dist else ""
-    say(f"backbone: {config.backbone.name} ({tuner.metadata()['backbone']['weights_source']}), "
-        f"recipe: {args.recipe}, device: {tuner.device}, autocast: {tuner.amp_dtype}{world}")
-    if tuner.is_main:
-        check_run_folder(config.output_dir, overwrite=args.overwrite)  # before config.yaml replaces anything
-        config.to_file(Path(config.output_dir) / "config.yaml")
-    t0 = time.perf_counter()
-    tuner.fit(train, val, overwrite=args.overwrite)
-    wall = time.perf_counter() - t0
     last = tuner.evaluate(val).to_dict()  # the final model: no selection on the validation set
 
     best = FineTuner.load(config.output_dir, progress=False)
@@ -208,7 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from tlkit.pretrained import HubDownloadError
+    from tlkit.runlock import OutputDirError, RunLockedError
+
     try:
         main()
+    except (ValueError, FileNotFoundError, HubDownloadError, RunLockedError, OutputDirError) as e:
+        # Bad input (a config value, a missing folder, no weights): one line, as `tlkit train` prints it.
+        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         destroy_distributed()  # leaves torchrun's process group; a no-op in one process

@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
-    from tlkit.backbone import create_backbone, load_weights, read_state_dict, resolve_data_config
+    from tlkit.backbone import create_backbone, load_weights, read_state_dict, resolve_backbone, resolve_data_config
     from tlkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from tlkit.config import (
         AugmentConfig,
@@ -101,6 +101,7 @@ _EXPORTS = {  # public name -> module; imported on first use (PEP 562), so `tlki
     "read_state_dict": "tlkit.backbone",
     "RECIPES": "tlkit.recipes",
     "repeat_seeds": "tlkit.protocol",
+    "resolve_backbone": "tlkit.backbone",
     "resolve_data_config": "tlkit.backbone",
     "RunConfig": "tlkit.config",
     "save_checkpoint": "tlkit.checkpoint",
@@ -171,6 +172,7 @@ __all__ = [
     "parameter_groups",
     "read_state_dict",
     "repeat_seeds",
+    "resolve_backbone",
     "resolve_data_config",
     "save_checkpoint",
     "skip_none_collate",

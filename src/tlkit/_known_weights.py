@@ -2,8 +2,9 @@
 
 A file is recognised by its size and SHA-256 (never by its name), so a renamed copy is still
 recognised and another file of the same name is not. What a recognised file needs and the
-caller did not set (``pad_type``, normalisation, interpolation, ``crop_pct``) is filled in;
-a setting that contradicts the file's own is kept, with a warning.
+caller did not set (``pad_type``, normalisation, interpolation, ``crop_pct``) is filled in.
+A setting that contradicts what the weights were trained with (``pad_type``, mean, std) is
+kept, with a warning; the view (input size, interpolation, crop) is the caller's to choose.
 """
 
 from __future__ import annotations
@@ -51,21 +52,32 @@ KNOWN_WEIGHTS: dict[tuple[int, str], KnownWeights] = {
 """(file size in bytes, SHA-256 hex) -> what the file needs."""
 
 _SIZES = {size for size, _ in KNOWN_WEIGHTS}
+# The view of the weights (how a photo becomes an input) may change freely; these may not.
+_TRAINED_WITH = ("pad_type", "mean", "std")
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> SHA-256
+
+
+def _sha256(path: Path, stat) -> str:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DIGESTS:  # every entry point resolves the same file: hash it once
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def known_weights(path: str | Path) -> KnownWeights | None:
     """The `KnownWeights` of the file at ``path``, or ``None`` (only files of a known size are hashed)."""
     try:
-        size = Path(path).stat().st_size
-        if size not in _SIZES:
+        stat = Path(path).stat()
+        if stat.st_size not in _SIZES:
             return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        digest = _sha256(Path(path), stat)
     except OSError:
         return None  # loading the file reports the problem
-    return KNOWN_WEIGHTS.get((size, digest.hexdigest()))
+    return KNOWN_WEIGHTS.get((stat.st_size, digest))
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -77,7 +89,8 @@ def _differs(a: Any, b: Any) -> bool:
 def with_known_weights(config: BackboneConfig) -> BackboneConfig:
     """``config`` with what its recognised weights file needs filled in; unchanged for other files.
 
-    Warns (`PreprocessingWarning`) for each setting the caller gave that contradicts the file's.
+    Warns (`PreprocessingWarning`) for each ``pad_type``, mean or std the caller gave that
+    contradicts the file's (a different view, such as ``crop_pct=1.0``, is no contradiction).
     """
     known = known_weights(config.weights) if config.pretrained and config.weights is not None else None
     if known is None or known.name != config.name:
@@ -85,7 +98,7 @@ def with_known_weights(config: BackboneConfig) -> BackboneConfig:
     overrides = config.data_config.model_dump()
     given = {k: v for k, v in {**config.model_kwargs, **overrides}.items() if v is not None}
     for key, value in {**known.model_kwargs, **known.data_config}.items():
-        if key in given and _differs(given[key], value):
+        if key in _TRAINED_WITH and key in given and _differs(given[key], value):
             warnings.warn(f"backbone.weights {config.weights} ({known.source}) expects {key}={value!r}, "
                           f"but {key}={given[key]!r} is set; outputs will be off unless that is deliberate",
                           PreprocessingWarning, stacklevel=3)

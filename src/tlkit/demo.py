@@ -10,7 +10,8 @@ The page classifies the uploaded file itself with `FineTuner.predict`, so it giv
 answer as ``tlkit predict`` on that file: same eval transform, same decode limits, same
 test-time augmentation.
 
-The page is meant to be shown to strangers, so it keeps nothing: an upload larger than
+A visitor's mistake (a broken or oversized file) is one line on the page and one line in the
+server's log. The page is meant to be shown to strangers, so it keeps nothing: an upload larger than
 ``max_upload_bytes`` (default 20 MiB) is refused by Gradio before it is stored and by tlkit
 before it is decoded; each upload is deleted once classified, and whatever else Gradio caches
 for the page (previews, uploads never classified) is deleted after `CACHE_SECONDS` and when the
@@ -19,17 +20,19 @@ server stops. Error messages name the upload by its base name, never by its path
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlkit._text import markdown_text
+from tlkit._text import escape_control, markdown_text
 from tlkit.images import BadImageError, load_image
 from tlkit.tta import check_tta_mode
 
@@ -121,7 +124,7 @@ def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes
     if size > max_bytes:  # before decoding: Gradio's own limit is not set when the page is embedded elsewhere
         raise error(f"{name}: {_size(size)} is over this demo's upload limit of {_size(max_bytes)}")
     try:
-        prediction = tuner.predict(path, tta=tta, max_bytes=max_bytes)[0]
+        prediction = tuner.predict(path, tta=tta, max_bytes=max_bytes, on_error="raise")[0]
         preview = load_image(path, max_bytes=max_bytes, draft_size=_PREVIEW_SIDE)
     except BadImageError as e:
         raise error(_public_message(str(e), path, name)) from None
@@ -147,11 +150,12 @@ def build_demo(
 ) -> gradio.Blocks:
     """Build the Gradio page for a trained model (not yet served).
 
-    The page has a photo upload, a preview, a "Classify" button and a label showing the
-    ``top_k`` most probable classes with their softmax probabilities. Uploading a photo
-    classifies it at once, then deletes the uploaded file. An unreadable or oversized file
-    shows the `BadImageError` message on the page, naming the file by its base name only.
-    Class names on the page are shown as text (never as Markdown or HTML).
+    The page has a photo upload, a preview, a label showing the ``top_k`` most probable classes
+    with their softmax probabilities, and a one-line status. Uploading a photo classifies it at
+    once, then deletes the uploaded file; there is no button to press, so no click sequence
+    can ask for a file that is gone. An unreadable or oversized file shows one line in the
+    status (naming the file by its base name only) and writes one line to the server's stderr,
+    never a traceback. Class names on the page are shown as text (never as Markdown or HTML).
 
     Args:
         tuner: the model, e.g. ``FineTuner.load(run_folder)``.
@@ -160,14 +164,16 @@ def build_demo(
         title: the page title.
         max_upload_bytes: larger uploads are refused before they are decoded. `launch_demo`
             also hands it to Gradio (``max_file_size``), which refuses them before storing them.
-        examples: photos of the operator's (e.g. one per class of the run's validation split)
-            shown under the upload; a click classifies one. They are never deleted.
+        examples: photos of the operator's shown as thumbnails under the upload (copied under
+            neutral names, ``example-1.jpg``..., so no file name gives the answer away); a click
+            classifies one. The operator's files are never changed or deleted.
 
     Returns:
         A ``gradio.Blocks``; serve it with ``.launch()`` or `launch_demo`. Its API endpoint
         ``/classify`` takes one image file and returns a preview (a downscaled copy, at most
         640 pixels a side) and
-        ``{"label": ..., "confidences": [{"label": ..., "confidence": ...}, ...]}``.
+        ``{"label": ..., "confidences": [{"label": ..., "confidence": ...}, ...]}``; a bad file
+        is an error naming the file by its base name.
 
     Raises:
         ImportError: Gradio is not installed.
@@ -176,30 +182,89 @@ def build_demo(
     """
     gr = _import_gradio()
     _check_arguments(top_k, tta, max_upload_bytes, examples)
-    def classify(upload: dict[str, Any] | str | None):
-        # Called with Gradio's file payload ({"path", "orig_name", ...}, see _layout).
-        path = upload if isinstance(upload, str) else (upload or {}).get("path")
-        if not path:
-            return None, None
-        name = _shown_name((upload.get("orig_name") if isinstance(upload, dict) else None) or path)
+
+    def run(path: str, name: str, keep: bool):
         try:
-            return _classify_upload(tuner, path, name, tta, max_upload_bytes, gr.Error)
+            return _classify_upload(tuner, path, name, tta, max_upload_bytes, _UserError)
         finally:
-            _delete_upload(path)
+            if not keep:
+                _delete_upload(path)
 
-    def classify_example(path: str | None):
-        # An operator's photo (copied into Gradio's cache when the page was built): kept.
+    def classify_api(upload: dict[str, Any] | str | None):
+        # The /classify endpoint: a bad file is an error for the API client, with no traceback in the log.
+        path, name = _payload(upload)
         if not path:
             return None, None
-        return _classify_upload(tuner, path, _shown_name(path), tta, max_upload_bytes, gr.Error)
+        try:
+            return run(path, name, keep=False)
+        except _UserError as e:
+            _log(str(e))
+            raise gr.Error(str(e), print_exception=False) from None
 
-    return _layout(gr, tuner, classify, title=title, top_k=min(top_k, len(tuner.classes)),
-                   max_upload_bytes=max_upload_bytes, examples=(list(examples), classify_example))
+    def on_upload(upload: dict[str, Any] | str | None):
+        path, name = _payload(upload)
+        if not path:
+            return None, None, ""
+        return _shown(lambda: run(path, name, keep=False))
+
+    copies = _neutral_copies(examples)
+
+    def on_example(evt):
+        # An operator's photo (its neutral copy): kept.
+        return _shown(lambda: run(str(copies[evt.index]), f"example {evt.index + 1}", keep=True))
+
+    # Gradio passes the click's SelectData to a parameter annotated with its class; the class
+    # object itself, since this module's annotations are strings and `gr` is local here.
+    on_example.__annotations__["evt"] = gr.SelectData
+
+    return _layout(gr, tuner, (classify_api, on_upload, on_example), title=title,
+                   top_k=min(top_k, len(tuner.classes)), max_upload_bytes=max_upload_bytes, examples=copies)
 
 
-def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_upload_bytes: int,
-            examples: tuple[list, Any]) -> gradio.Blocks:
-    """The page's components and events around ``classify``."""
+class _UserError(Exception):
+    """A visitor's file that cannot be classified: one line, shown on the page and logged."""
+
+
+def _payload(upload: dict[str, Any] | str | None) -> tuple[str | None, str]:
+    """``(server path, name shown)`` of Gradio's file payload (``{"path", "orig_name", ...}``)."""
+    path = upload if isinstance(upload, str) else (upload or {}).get("path")
+    if not path:
+        return None, ""
+    return path, _shown_name((upload.get("orig_name") if isinstance(upload, dict) else None) or path)
+
+
+def _log(message: str) -> None:
+    print(f"tlkit demo: {escape_control(message)}", file=sys.stderr, flush=True)
+
+
+def _shown(classify) -> tuple[Any, Any, str]:
+    """``(preview, label, status)`` for the page: a user error is the status line, never an exception."""
+    try:
+        preview, probabilities = classify()
+    except _UserError as e:
+        _log(str(e))
+        return None, None, f"**Could not classify:** {markdown_text(str(e))}"
+    return preview, probabilities, ""
+
+
+def _neutral_copies(examples: Sequence[str | Path]) -> list[Path]:
+    """The example photos copied as ``example-1.jpg``... into a private temporary folder (removed at exit)."""
+    if not examples:
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="tlkit-examples-", dir=os.environ.get("GRADIO_TEMP_DIR") or None))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    copies = []
+    for i, photo in enumerate(examples, 1):
+        copy = folder / f"example-{i}{Path(photo).suffix.lower()}"
+        shutil.copyfile(photo, copy)
+        copies.append(copy)
+    return copies
+
+
+def _layout(gr, tuner: FineTuner, handlers: tuple, *, title: str, top_k: int, max_upload_bytes: int,
+            examples: list[Path]) -> gradio.Blocks:
+    """The page's components and events around the handlers (API, upload, example click)."""
+    classify_api, on_upload, on_example = handlers
     # delete_cache: Gradio sweeps its cache every 60 s for this page's files older than
     # CACHE_SECONDS, and deletes them all when the server stops.
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, CACHE_SECONDS)) as demo:
@@ -208,21 +273,23 @@ def _layout(gr, tuner: FineTuner, classify, *, title: str, top_k: int, max_uploa
             with gr.Column():
                 # A file input, not gr.Image: Gradio would decode the upload itself first, and a
                 # broken photo would fail there without tlkit's message naming the file.
-                upload = gr.File(label=f"Photo (at most {_size(max_upload_bytes)})", file_types=["image"],
-                                 type="filepath")
+                upload = gr.File(label=f"Photo (at most {_size(max_upload_bytes)}): classified as soon as it is dropped",
+                                 file_types=["image"], type="filepath")
                 preview = gr.Image(label="Uploaded photo", interactive=False, height=320)
-            label = gr.Label(num_top_classes=top_k, label="Prediction")
-        button = gr.Button("Classify", variant="primary")
-        # preprocess=False: classify gets the payload with the upload's path. gr.File's own
+            with gr.Column():
+                label = gr.Label(num_top_classes=top_k, label="Prediction")
+                status = gr.Markdown("")
+        # preprocess=False: the handlers get the payload with the upload's path. gr.File's own
         # preprocessing would leave one empty temporary file in Gradio's cache per request.
         # Gradio still checks that the path is an upload of this server.
-        button.click(classify, upload, [preview, label], api_name="classify", preprocess=False)
-        upload.upload(classify, upload, [preview, label], api_name=False, preprocess=False)
-        upload.clear(lambda: (None, None), None, [preview, label], api_name=False)
-        photos, classify_example = examples
-        if photos:
-            gr.Examples([[str(p)] for p in photos], inputs=upload, outputs=[preview, label], fn=classify_example,
-                        run_on_click=True, cache_examples=False, label="Example photos", api_name=False)
+        upload.upload(on_upload, upload, [preview, label, status], api_name=False, preprocess=False)
+        upload.clear(lambda: (None, None, ""), None, [preview, label, status], api_name=False)
+        api = gr.Button(visible=False)  # the API endpoint only: no button on the page
+        api.click(classify_api, upload, [preview, label], api_name="classify", preprocess=False)
+        if examples:
+            gallery = gr.Gallery([str(p) for p in examples], label="Example photos: click one", columns=6,
+                                 height=160, allow_preview=False, interactive=False, object_fit="cover")
+            gallery.select(on_example, None, [preview, label, status], api_name=False)
     return demo
 
 

@@ -7,7 +7,7 @@ there or in a callback, not here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from tlkit._training.cached import cached_features
 from tlkit._training.ddp import DDPWrapper, prepare_model_for_ddp
 from tlkit._training.defaults import default_callbacks
 from tlkit._training.guard import claim_run_folder, run_guard
-from tlkit._training.inference import Prediction, evaluate_loader, predict_batches
+from tlkit._training.inference import Prediction, error_handler, evaluate_loader, predict_batches, predict_items
 from tlkit._training.loaders import eval_loader, prepare_dataset
 from tlkit._training.loading import choose_classes, read_header
 from tlkit._training.loop import FitLoop
@@ -31,7 +31,7 @@ from tlkit._training.rng import seeded
 from tlkit._training.workers import worker_init_fn
 from tlkit._training.runtime import (Runtime, flush_denormal, make_grad_scaler, resolve_device,
                                      resolve_precision)
-from tlkit.backbone import DATA_CONFIG_KEYS, create_backbone, resolve_data_config
+from tlkit.backbone import DATA_CONFIG_KEYS, create_backbone, resolve_backbone, resolve_data_config
 from tlkit.callbacks import Callback
 from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
@@ -113,8 +113,10 @@ class FineTuner:
         self.callbacks: list[Callback] = list(callbacks or [])
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
-        if data_config and not set(DATA_CONFIG_KEYS) <= set(data_config):  # a partial one: the rest from the model
-            data_config = resolve_data_config(model, data_config)
+        if data_config and not set(DATA_CONFIG_KEYS) <= set(data_config):
+            # A partial one: the rest from the backbone's own settings (a known file's mean/std), then the model.
+            data_config = resolve_data_config(model, {**self.backbone.data_config.model_dump(exclude_none=True),
+                                                      **data_config})
         # A model that went through FineTuner keeps its resolved data config when wrapped again.
         self.data_config = (data_config or getattr(model, "tlkit_data_config", None)
                             or resolve_data_config(model, self.backbone.data_config))
@@ -182,21 +184,25 @@ class FineTuner:
     def from_config(cls, config: RunConfig, classes: Sequence[str], callbacks: Sequence[Callback] | None = None) -> FineTuner:
         """Build backbone, head, policy and loop from a `RunConfig`.
 
-        The new head (and a random-init backbone) is initialised under ``config.train.seed``,
-        so the same config gives the same initial weights; the caller's RNG is left as it was.
-        Without ``config.output_dir`` the run gets a new folder (`RunConfig.with_run_dir`).
+        The backbone is resolved first (`tlkit.resolve_backbone`: weights source, what a known
+        weights file needs), and the tuner records the resolved settings, so its checkpoints
+        rebuild the network it trains. The new head (and a random-init backbone) is initialised
+        under ``config.train.seed``, so the same config gives the same initial weights; the
+        caller's RNG is left as it was. Without ``config.output_dir`` the run gets a new folder
+        (`RunConfig.with_run_dir`).
 
         Raises:
             ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
         """
         config = config.with_run_dir()  # output_dir None: a new folder per run
+        backbone = resolve_backbone(config.backbone)
         head = config.head.model_copy(update={"num_classes": config.head.num_classes or len(classes)})
         with seeded(config.train.seed)():
-            model = create_backbone(config.backbone)
-            HeadReplacer.from_config(head).apply(model)
+            model = create_backbone(backbone)
+            HeadReplacer.from_config(head, seed=config.train.seed).apply(model)
         return cls(model, classes, policy=config.freeze, config=config.train,
-                   data_config=resolve_data_config(model, config.backbone.data_config),
-                   augment=config.data.augment, output_dir=config.output_dir, backbone=config.backbone,
+                   data_config=resolve_data_config(model, backbone.data_config),
+                   augment=config.data.augment, output_dir=config.output_dir, backbone=backbone,
                    head=head, callbacks=callbacks)
 
     # -- helpers the training core uses ----------------------------------------------------------
@@ -319,7 +325,8 @@ class FineTuner:
             smoothing: EMA coefficient of the smoothed loss (fastai's 0.98).
 
         Returns:
-            `LRFinderResult` with the learning rates, losses and the steepest-descent suggestion.
+            `LRFinderResult` with the learning rates, losses, the valley suggestion and a warning
+            when there is none or it sits at an edge of the sweep.
 
         Raises:
             ValueError: ``start_lr`` not below ``end_lr``, fewer than 2 steps, or empty data.
@@ -375,41 +382,52 @@ class FineTuner:
         raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")
 
     @torch.no_grad()
-    def predict(self, inputs: Any, batch_size: int | None = None, *, max_pixels: int | None = MAX_PIXELS,
-                max_bytes: int | None = MAX_BYTES, tta: str = "none") -> list[Prediction]:
+    def predict(self, inputs: Any, batch_size: int | None = None, *, top_k: int | None = None,
+                max_pixels: int | None = MAX_PIXELS, max_bytes: int | None = MAX_BYTES, tta: str = "none",
+                on_error: str | Callable[[str, str], None] = "skip") -> list[Prediction]:
         """Classify images with the saved data config's eval transform (never augmentation).
 
         Files are treated as untrusted: each is checked against ``max_bytes`` and, from its
-        header, ``max_pixels`` before it is decoded (see `tlkit.load_image`).
+        header, ``max_pixels`` before it is decoded (see `tlkit.load_image`). As ``tlkit
+        predict`` does, an unreadable file costs only its own prediction: it is reported and
+        skipped, and the others are classified.
 
         Args:
-            inputs: a path, a PIL image, a tensor, or a list of them. Tensors are taken as model
-                input: float32 ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images
-                with transparency are composited onto white, as files are.
+            inputs: a file, a folder (every image inside, recursively, sorted), a glob, a PIL
+                image, a tensor, or a list of them. Tensors are taken as model input: float32
+                ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images with
+                transparency are composited onto white, as files are.
             batch_size: images per forward pass; default `eval_batch_size`.
+            top_k: how many ``(class, probability)`` pairs each `Prediction.top` holds; default
+                every class, most probable first.
             max_pixels: largest accepted width x height of an image file.
             max_bytes: largest accepted size of an image file, in bytes.
             tta: test-time augmentation: ``"none"``, ``"hflip"`` or ``"multi-crop"`` (see
                 `tlkit.tta`); probabilities are then averaged over the views.
+            on_error: what an unreadable file does: ``"skip"`` (default) leaves it out of the
+                result with a `tlkit.SkippedImageWarning` naming it; ``"raise"`` raises
+                `BadImageError`; a callable gets ``(path, message)`` instead of the warning.
 
         Returns:
-            One `Prediction` per image, in input order.
+            One `Prediction` per readable image, in input order; `Prediction.path` names the
+            file each came from.
 
         Raises:
-            BadImageError: (a ``ValueError``) an image file is unreadable, truncated, or over a
-                limit (names it and the limit).
+            BadImageError: (a ``ValueError``) with ``on_error="raise"``: an image file is
+                unreadable, truncated, or over a limit (names it and the limit).
+            FileNotFoundError: a folder without images, or a glob that matches nothing.
             TypeError: an input of an unsupported type.
-            ValueError: an unknown ``tta`` mode.
+            ValueError: an unknown ``tta`` mode or ``on_error``, or ``top_k`` < 1.
         """
         check_tta_mode(tta)  # before decoding anything
-        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
-            items: list[Any] = list(inputs)
-        else:
-            items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        items = predict_items(inputs)
         with self.runtime.cpu_flags():
             return predict_batches(self.model, items, lambda it: self.prepare_input(it, max_pixels, max_bytes),
                                    self.classes, self.runtime, batch_size or self.eval_batch_size, tta=tta,
-                                   progress=self.config.bars and self.is_main)
+                                   progress=self.config.bars and self.is_main, top_k=top_k,
+                                   on_error=error_handler(on_error))
 
     # -- persistence ----------------------------------------------------------------------------
     def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -502,7 +520,7 @@ class FineTuner:
         head = run.head.model_copy(update={"num_classes": len(wanted)}) if new_head else run.head
         with seeded(run.train.seed)():  # a new head is initialised the same way on every load
             model = create_backbone(run.backbone)
-            HeadReplacer.from_config(head).apply(model)
+            HeadReplacer.from_config(head, seed=run.train.seed).apply(model)
         tuner = cls(model, wanted, policy=run.policy, config=run.train, data_config=run.data_config,
                     augment=run.augment, backbone=run.backbone, head=head)
         skip = tuple(f"{n}." for n in classifier_module_names(tuner.model)) if new_head else ()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -81,6 +83,11 @@ class HeadReplacer:
     untouched. With no dropout and no hidden layer the new head is a plain ``nn.Linear``, so
     parameter names stay timm's (``classifier.weight``); otherwise a `TaskHead`.
 
+    The new layers are initialised (PyTorch's default initialisation) from their own random
+    generator seeded with ``seed``, so the same call gives the same head whatever ran before,
+    and the caller's random state is left as it was; ``seed=None`` draws from torch's global
+    generator instead.
+
     Example:
         >>> model = timm.create_model("resnet18")
         >>> model = HeadReplacer(num_classes=6, dropout=0.2).apply(model)
@@ -95,14 +102,16 @@ class HeadReplacer:
         hidden_dim: int | None = None,
         activation: str = "relu",
         head_layers: str = "keep",
+        seed: int | None = 0,
     ) -> None:
         self.config = HeadConfig(
             num_classes=num_classes, dropout=dropout, hidden_dim=hidden_dim, activation=activation,
             head_layers=head_layers,
         )
+        self.seed = seed
 
     @classmethod
-    def from_config(cls, config: HeadConfig, num_classes: int | None = None) -> HeadReplacer:
+    def from_config(cls, config: HeadConfig, num_classes: int | None = None, seed: int | None = 0) -> HeadReplacer:
         """Build from a `HeadConfig`; ``num_classes`` fills in a config that left it ``None``.
 
         Raises:
@@ -111,7 +120,7 @@ class HeadReplacer:
         n = config.num_classes or num_classes
         if n is None:
             raise ValueError("HeadConfig.num_classes is not set and no class count was given")
-        return cls(n, config.dropout, config.hidden_dim, config.activation, config.head_layers)
+        return cls(n, config.dropout, config.hidden_dim, config.activation, config.head_layers, seed=seed)
 
     def build(self, in_features: int) -> nn.Module:
         """A fresh head for ``in_features`` inputs (PyTorch's default Linear initialisation)."""
@@ -145,6 +154,10 @@ class HeadReplacer:
             ValueError: naming the model and the module, where the classifier cannot be found
                 or is a layer tlkit cannot rebuild (a convolution wider than 1x1).
         """
+        with _head_rng(self.seed, next(model.parameters(), None)):
+            return self._apply(model)
+
+    def _apply(self, model: nn.Module) -> nn.Module:
         names = _classifier_targets(model, self.config.num_classes, self.config.head_layers)
         ref = next(model.parameters(), None)
         for name, in_features in names:
@@ -164,6 +177,18 @@ class HeadReplacer:
             _set_submodule(model, name, new)
             _set_num_classes(model, name, self.config.num_classes)
         return model
+
+
+@contextlib.contextmanager
+def _head_rng(seed: int | None, ref: torch.Tensor | None) -> Iterator[None]:
+    """Run the head's initialisation under ``torch.manual_seed(seed)``, the caller's state restored."""
+    if seed is None:
+        yield
+        return
+    cuda = [ref.device] if ref is not None and ref.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def _set_num_classes(model: nn.Module, name: str, num_classes: int) -> None:

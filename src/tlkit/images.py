@@ -40,6 +40,7 @@ __all__ = [
     "load_image",
     "to_rgb",
     "find_bad_images",
+    "expand_image_paths",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -245,3 +246,33 @@ def find_bad_images(
             msg = str(e)
             bad.append(BadImage(Path(p), msg[len(prefix):] if msg.startswith(prefix) else msg))
     return bad
+
+
+def expand_image_paths(patterns: Iterable[str | Path]) -> list[Path]:
+    """Files named by paths, folders (every image inside, recursively, sorted) or globs, in order, deduplicated.
+
+    A path that names no existing file is kept as it is: reading it reports the problem, with
+    the file's name, in the same place as any other unreadable file.
+
+    Raises:
+        FileNotFoundError: a glob that matches nothing, or a folder with no image file
+            (`IMAGE_EXTENSIONS`); the message names it.
+    """
+    import glob
+
+    out: list[Path] = []
+    for pattern in patterns:
+        text = str(pattern)
+        if Path(text).is_dir():
+            found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{text}: folder holds no image (suffixes {sorted(IMAGE_EXTENSIONS)})")
+            out += found
+        elif not Path(text).exists() and glob.has_magic(text):  # an existing "a[1].jpg" is a file, not a glob
+            hits = sorted(glob.glob(text, recursive=True))
+            if not hits:
+                raise FileNotFoundError(f"{text}: no file matches")
+            out += [Path(h) for h in hits if Path(h).is_file()]
+        else:
+            out.append(Path(text))
+    return list(dict.fromkeys(out))

@@ -159,10 +159,11 @@ class _Candidate:
 
 
 def _prepare(backbone: BackboneConfig, rt) -> _Candidate:
-    from tlkit.backbone import create_backbone, resolve_data_config
+    from tlkit.backbone import create_backbone, resolve_backbone, resolve_data_config
     from tlkit.data import create_transforms, eval_resize_size
 
     t0 = time.perf_counter()
+    backbone = resolve_backbone(backbone)  # what a run with this backbone would use: file, pad_type, mean/std
     model = create_backbone(backbone).eval()
     channels_last = rt.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     model = model.to(rt.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

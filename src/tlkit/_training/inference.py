@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tlkit._text import escape_control
 from tlkit._training.runtime import Runtime, eval_mode
 from tlkit.distributed import all_reduce_sum
+from tlkit.images import SkippedImageWarning, expand_image_paths
 from tlkit.metrics import ClassificationMetrics
 from tlkit.tta import tta_log_probs
 
-__all__ = ["Prediction", "log_probs", "evaluate_loader", "classify", "predict_batches"]
+__all__ = ["Prediction", "log_probs", "evaluate_loader", "classify", "error_handler", "predict_batches", "predict_items"]
 
 
 @dataclass
@@ -27,12 +31,17 @@ class Prediction:
         index: its class index.
         probability: its softmax probability, in [0, 1].
         probabilities: every class name with its probability (sums to 1).
+        top: the ``top_k`` most probable ``(class name, probability)`` pairs, most probable first
+            (every class when `FineTuner.predict` got no ``top_k``).
+        path: the file the image came from, ``None`` for a PIL image or a tensor.
     """
 
     label: str
     index: int
     probability: float
     probabilities: dict[str, float]
+    top: list[tuple[str, float]] = field(default_factory=list)
+    path: str | None = None
 
 
 def log_probs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runtime: Runtime,
@@ -87,39 +96,95 @@ def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
 
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, classes: Sequence[str], runtime: Runtime,
-             tta: str = "none") -> list[Prediction]:
+             tta: str = "none", top_k: int | None = None) -> list[Prediction]:
     """One `Prediction` per image of ``x`` float32 ``(B, 3, H, W)``, normalised by the data config."""
     with eval_mode(model):
         probs = log_probs(model, x, runtime, tta).exp().cpu()
     out = []
+    k_top = len(classes) if top_k is None else min(top_k, len(classes))
     for row in probs:
         k = int(row.argmax())
-        out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)}))
+        values, indices = row.topk(k_top)
+        top = [(classes[int(i)], float(v)) for v, i in zip(values, indices)]
+        out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)}, top))
     return out
+
+
+ErrorHandler = Callable[[str, str], None]
+"""Called with ``(path, message)`` for each input that could not be read."""
+
+
+def predict_items(inputs: Any) -> list[Any]:
+    """`FineTuner.predict`'s inputs as a flat list: folders and globs expanded, a batch tensor split."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return list(inputs)
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    out: list[Any] = []
+    for item in items:
+        out += expand_image_paths([item]) if isinstance(item, (str, Path)) else [item]
+    return out
+
+
+def error_handler(on_error: str | Callable[[str, str], None]) -> Callable[[str, str], None] | None:
+    """``on_error`` of `FineTuner.predict` as a callable, ``None`` for "raise"."""
+    if callable(on_error):
+        return on_error
+    if on_error == "raise":
+        return None
+    if on_error == "skip":
+        def warn(path: str, message: str) -> None:
+            warnings.warn(f"skipped: {escape_control(message)}", SkippedImageWarning, stacklevel=4)
+        return warn
+    raise ValueError(f"on_error must be 'skip', 'raise' or a callable, got {on_error!r}")
+
+
+def _read_chunk(chunk: list[Any], prepare: Callable[[Any], torch.Tensor],
+                on_error: ErrorHandler | None) -> tuple[torch.Tensor | None, list[int]]:
+    """The inputs of ``chunk`` that could be read, stacked, and their positions in ``chunk``.
+
+    Raises:
+        BadImageError / OSError: an unreadable file when ``on_error`` is ``None``.
+    """
+    from tlkit.images import BadImageError
+
+    tensors, kept = [], []
+    for i, item in enumerate(chunk):
+        try:
+            tensors.append(prepare(item))
+            kept.append(i)
+        except (BadImageError, OSError) as e:
+            if on_error is None:
+                raise
+            on_error(str(item), str(e))
+    return (torch.stack(tensors) if tensors else None), kept
+
+
+def _source(item: Any) -> str | None:
+    return str(item) if isinstance(item, (str, Path)) else None
 
 
 def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any], torch.Tensor],
                     classes: Sequence[str], runtime: Runtime, batch_size: int, *, tta: str = "none",
-                    progress: bool = False) -> list[Prediction]:
+                    progress: bool = False, top_k: int | None = None,
+                    on_error: ErrorHandler | None = None) -> list[Prediction]:
     """Predictions for ``items`` in order, decoding the next batch in a thread while the model runs.
 
-    PIL's decoders and resize release the GIL; an unreadable file raises from ``result()`` in
-    input order, so the error names the first bad file.
+    PIL's decoders and resize release the GIL. With ``on_error`` ``None`` an unreadable file
+    raises from ``result()`` in input order, so the error names the first bad file; otherwise
+    ``on_error(path, message)`` is called for it and it gets no prediction.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-
-    def stack(chunk: list[Any]) -> torch.Tensor:
-        return torch.stack([prepare(it) for it in chunk])
-
     out: list[Prediction] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(stack, chunks[0]) if chunks else None
+        pending = pool.submit(_read_chunk, chunks[0], prepare, on_error) if chunks else None
         for k in tqdm(range(len(chunks)), desc="predict", unit="batch", leave=False,
                       disable=None if progress and len(chunks) >= 2 else True):
-            x = pending.result()
+            x, kept = pending.result()
             if k + 1 < len(chunks):
-                pending = pool.submit(stack, chunks[k + 1])
-            out += classify(model, x, classes, runtime, tta)
+                pending = pool.submit(_read_chunk, chunks[k + 1], prepare, on_error)
+            if x is not None:
+                preds = classify(model, x, classes, runtime, tta, top_k)
+                out += [replace(p, path=_source(chunks[k][i])) for p, i in zip(preds, kept)]
     return out

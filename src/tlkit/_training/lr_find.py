@@ -90,7 +90,7 @@ def _sweep(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, num_ste
         if batches == 0:
             raise ValueError("lr_find: the training data gave no batch")
     bar.close()
-    result.suggestion = LRFinderResult.steepest(result.lrs, result.losses)
+    result.suggest()
     result.loss_scale = float(scaler.get_scale()) if scaler is not None else None
     return result
 
