@@ -430,3 +430,40 @@ def test_argument_errors_are_one_line_with_exit_2(argv, shown, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and shown in err and "usage:" not in err
+
+
+def test_evaluate_says_what_it_reads_and_shows_a_bar_on_a_terminal(tmp_path):
+    """Issue 23: `tlkit evaluate` was silent for minutes: one line first, then a progress bar on a terminal."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from conftest import tiny_tuner
+
+    root = copy_sample(tmp_path / "data", per_class=3)
+    tiny_tuner(["cardboard", "glass", "metal"]).save(tmp_path / "m.safetensors")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "COLUMNS": "100"}
+    command = [sys.executable, "-m", "tlkit", "evaluate", "--checkpoint", str(tmp_path / "m.safetensors"),
+               "--data", str(root), "--batch-size", "1", "--device", "cpu"]
+    piped = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 0 and json.loads(piped.stdout)["n"] == 9
+    assert piped.stderr.splitlines() == [f"tlkit evaluate: 9 images of {root} on cpu"]  # a log gets no bar frames
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.returncode == 0 and b"\revaluate:" in shown and b"/9 [" in shown  # tqdm: "evaluate:   0%|  | 0/9 ["

@@ -229,3 +229,24 @@ def test_logger_callbacks_are_built_in_order_or_name_the_extra(monkeypatch):
                 logger_callbacks([module])
     with pytest.raises(ValueError, match="at least 1"):
         TensorBoardLogger(log_every_n_steps=0)
+
+
+class _Gap(Callback):
+    """A user callback that adds a metric of its own to every epoch's record."""
+
+    def on_epoch_end(self, tuner, record):
+        record["gap"] = float(record["train_loss"] - record["val_loss"])
+
+
+def test_what_a_user_callback_adds_is_in_the_same_epochs_csv_row_and_tensorboard_step(data, tmp_path):
+    """Issue 23: the loggers of TrainConfig.loggers ran before the user's callbacks, so the last
+    CSV row and every TensorBoard step lacked their keys."""
+    pytest.importorskip("tensorboard")
+    train, val = data
+    run = _run_dir(tmp_path)
+    history = tiny_tuner(CLASSES, output_dir=run, loggers=["csv", "tensorboard"], callbacks=[_Gap()]).fit(train, val)
+    rows = _csv_rows(run / "metrics.csv")
+    assert [float(r["gap"]) for r in rows] == [r["gap"] for r in history]  # the last row too
+    gaps = _tensorboard(run / "tensorboard").Scalars("val/gap") if "val/gap" in \
+        _tensorboard(run / "tensorboard").Tags()["scalars"] else _tensorboard(run / "tensorboard").Scalars("gap")
+    assert [e.value for e in gaps] == pytest.approx([r["gap"] for r in history], rel=1e-6)

@@ -181,6 +181,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         data = _recorded_split(Path(args.checkpoint), tuner.classes)
     else:
         data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
+    # One line before the work (a log shows what runs), then a bar on a terminal; stdout stays the JSON.
+    where = f"the validation split of {_run_config_file(args.checkpoint)}" if args.split else str(args.data)
+    print(f"tlkit evaluate: {len(data)} images of {escape_control(where)} on {tuner.device}"
+          + (f", TTA {args.tta}" if args.tta != "none" else ""), file=sys.stderr)
     metrics = tuner.evaluate(data, batch_size=args.batch_size, tta=args.tta)
     out = metrics.to_dict()
     out.pop("loss", None)

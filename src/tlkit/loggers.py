@@ -131,7 +131,9 @@ class TensorBoardLogger(Callback):
 
     * ``train/loss`` every ``log_every_n_steps`` steps: the mean loss over those steps' images;
     * per epoch: ``train/epoch_loss``, ``val/loss``, ``val/top1``, ``val/macro_f1``,
-      ``val/recall/<class>`` (with validation data) and ``lr``.
+      ``val/recall/<class>`` (with validation data) and ``lr``; every other number of the
+      epoch's record under its own name (``seconds``, ``images_per_s``, ``trainable_params``,
+      and what callbacks before the logger added, e.g. a user's ``on_epoch_end``).
 
     When the folder already holds event files (a resumed or restarted run) the writer is opened
     with ``purge_step = tuner.step + 1``: TensorBoard then hides every older event at a later
@@ -186,6 +188,10 @@ class TensorBoardLogger(Callback):
         scalars = {tag: record.get(key) for tag, key in tags.items()}
         scalars.update({f"val/{k}": v for k, v in record_scalars(record, tuner.classes).items()
                         if k.startswith("recall/")})
+        # Every other number of the record (timings, what user callbacks add) under its own name.
+        scalars.update({k: v for k, v in record_scalars(record).items()
+                        if k not in set(tags.values()) | {"epoch"} and not k.startswith("recall/")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, global_step=tuner.step)

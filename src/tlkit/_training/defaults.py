@@ -14,14 +14,19 @@ __all__ = ["default_callbacks"]
 
 
 def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
-    """The built-in callbacks a `TrainConfig` asks for, then the user's, in that order."""
+    """The built-in callbacks a `TrainConfig` asks for, the user's, then the loggers, in that order.
+
+    The loggers (``TrainConfig.loggers``) come last, so what a user's ``on_epoch_end`` adds to the
+    epoch's record is in the same epoch's CSV row, TensorBoard step and MLflow metrics.
+    """
     cfg = tuner.config
     built: list[Callback] = ([ProgressBar()] if cfg.bars else []) + ([EpochLogger()] if cfg.progress else [])
     if cfg.early_stopping_patience is not None:
         built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
     built.append(RunReport())
+    loggers: list[Callback] = []
     if getattr(cfg, "loggers", None):
         from tlkit.loggers import logger_callbacks  # optional packages: imported when asked for
 
-        built += logger_callbacks(cfg.loggers)
-    return CallbackList([*built, *user])
+        loggers = list(logger_callbacks(cfg.loggers))
+    return CallbackList([*built, *user, *loggers])
