@@ -415,9 +415,19 @@ def test_config_prints_the_resolved_config_and_a_commented_template(tmp_path, ca
     assert resolved.train.epochs == 20 and resolved.freeze.phases[0].epoch == 2  # recipe, then --set
     assert main(["config", "--template"]) == 0
     template = capsys.readouterr().out
-    assert "  # Stratified validation share.\n  val_fraction: 0.2\n" in template
+    assert "  # Stratified validation share. Range: > 0.0, < 1.0.\n  val_fraction: 0.2\n" in template
     (tmp_path / "run.yaml").write_text(template)  # the template is a valid config: the defaults
     assert RunConfig.from_file(tmp_path / "run.yaml") == RunConfig()
+    # Issue 23: every setting has its meaning above it, and a choice lists what is allowed.
+    lines = template.splitlines()
+    for i, line in enumerate(lines):
+        is_section = line.endswith(":") and i + 1 < len(lines) and len(lines[i + 1]) - len(lines[i + 1].lstrip()) > \
+            len(line) - len(line.lstrip())
+        if not line.lstrip().startswith("#") and not is_section:
+            assert lines[i - 1].lstrip().startswith("# "), f"no meaning above {line.strip()!r}"
+    assert "# Which validation metric picks best.safetensors (and early stopping watches). " \
+           "One of: 'top1', 'macro_f1', 'val_loss'." in template
+    assert "Range: >= 1, <= 10000." in template  # train.epochs
 
 
 @pytest.mark.parametrize("argv,shown", [

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -140,10 +140,13 @@ class DataConfigOverrides(StrictModel):
         None,
         description=f"(channels, height, width) of the model input, pixels: (3, H, W), 8 <= H, W <= {MAX_IMAGE_SIDE}.",
     )
-    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] | None = Field(
+        None, description="Resize filter of the eval (and training) transform.")
     # At least 0.5: eval resizes to input / crop_pct, so a tiny fraction asks for a huge image.
     crop_pct: float | None = Field(None, ge=0.5, le=1.0, description="Centre-crop fraction at eval, in [0.5, 1].")
-    crop_mode: Literal["center", "squash", "border"] | None = None
+    crop_mode: Literal["center", "squash", "border"] | None = Field(
+        None, description="Eval view: 'center' crops crop_pct of the resized image, 'squash' resizes the whole "
+        "frame to input_size (no crop), 'border' pads (timm's crop modes).")
     mean: tuple[float, float, float] | None = Field(None, description="Per-channel mean of [0, 1] pixels, in [0, 1].")
     std: tuple[float, float, float] | None = Field(None, description="Per-channel std, each in [0.001, 10].")
 
@@ -244,7 +247,7 @@ class HeadConfig(StrictModel):
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each Linear.")
     hidden_dim: int | None = Field(None, ge=1, le=MAX_HIDDEN_DIM, description="Width of an optional hidden layer.")
-    activation: Literal["relu", "gelu", "silu"] = "relu"
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Activation after the hidden layer.")
     head_layers: Literal["keep", "reset"] = Field(
         "keep",
         description="Pretrained layers of the old head around its final Linear (the BatchNorm of LeViT's "
@@ -262,10 +265,10 @@ class AugmentConfig(StrictModel):
     training from scratch): random-resized-crop scale (0.5, 1.0) instead of timm's (0.08, 1.0).
     """
 
-    scale: tuple[float, float] = (0.5, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    scale: tuple[float, float] = Field((0.5, 1.0), description="Random-resized-crop area range, fractions of the image.")
+    ratio: tuple[float, float] = Field((3.0 / 4.0, 4.0 / 3.0), description="Random-resized-crop aspect range (w / h).")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal-flip probability.")
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="Vertical-flip probability.")
     color_jitter: float = Field(0.1, ge=0.0, le=1.0, description="Ignored when auto_augment is set (as in timm).")
     auto_augment: str | None = Field(
         None,
@@ -377,7 +380,7 @@ class TrainConfig(StrictModel):
     biases and normalisation parameters.
     """
 
-    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS, description=f"Training epochs, 1 to {MAX_EPOCHS}.")
     batch_size: int = Field(
         32, ge=1, le=MAX_BATCH,
         description="Images per optimizer step in each process; the global batch is batch_size * world_size.",
@@ -388,14 +391,14 @@ class TrainConfig(StrictModel):
         "(smaller batches stay in cache: MobileNetV2 bf16 predict ran at about 110 img/s at 16 against 70 "
         "at 64 on a 2-core EPYC), 64 on GPUs.",
     )
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW (Loshchilov & Hutter 2019) or SGD with momentum.")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate of the head group.")
-    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="Decoupled weight decay; never on biases and norms.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only.")
     warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up length, epochs.")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_clip_norm: float | None = Field(None, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing (Szegedy et al. 2016), in [0, 1).")
+    grad_clip_norm: float | None = Field(None, gt=0.0, description="Clip the gradients' global L2 norm to this; None: no clipping.")
     mixup_alpha: float = Field(
         0.0, ge=0.0, le=100.0, description="Mixup Beta(alpha, alpha) (Zhang et al. 2018); 0 = off.")
     cutmix_alpha: float = Field(
@@ -426,7 +429,8 @@ class TrainConfig(StrictModel):
         None, ge=1, le=MAX_EPOCHS,
         description="Stop after this many epochs without a better best_metric (counted from the last phase boundary).",
     )
-    best_metric: Literal["top1", "macro_f1", "val_loss"] = "top1"
+    best_metric: Literal["top1", "macro_f1", "val_loss"] = Field(
+        "top1", description="Which validation metric picks best.safetensors (and early stopping watches).")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of every RNG, 0 <= seed < 2**32 (numpy's range).")
     device: str = Field("auto", description=f"One of {DEVICE_FORMS}.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -677,6 +681,25 @@ def _read_config_text(path: Path) -> str:
                           f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
 
 
+def _choices(annotation: Any) -> list[Any]:
+    """The values a ``Literal`` annotation (possibly inside ``X | None`` or ``Literal | list``) allows."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [v for arg in get_args(annotation) for v in _choices(arg)]
+
+
+def _allowed(info: Any) -> str:
+    """`` One of: a, b.`` / `` Range: ...`` for a field's template comment, from its type and bounds."""
+    choices = _choices(info.annotation)
+    if choices:
+        return " One of: " + ", ".join(repr(c) for c in choices) + "."
+    bounds = {k: getattr(m, k.lower()) for m in info.metadata for k in ("Ge", "Gt", "Le", "Lt")
+              if type(m).__name__ == k}
+    low = f">= {bounds['Ge']}" if "Ge" in bounds else (f"> {bounds['Gt']}" if "Gt" in bounds else "")
+    high = f"<= {bounds['Le']}" if "Le" in bounds else (f"< {bounds['Lt']}" if "Lt" in bounds else "")
+    return f" Range: {', '.join(x for x in (low, high) if x)}." if low or high else ""
+
+
 def _commented(model: type, data: dict[str, Any], depth: int) -> list[str]:
     """YAML lines for ``data`` (a dump of ``model``), each field's description as a comment above it."""
     pad, lines = "  " * depth, []
@@ -684,7 +707,7 @@ def _commented(model: type, data: dict[str, Any], depth: int) -> list[str]:
         info = model.model_fields.get(name)
         sub = getattr(info, "annotation", None)
         if info is not None and info.description:
-            lines.append(f"{pad}# {info.description}")
+            lines.append(f"{pad}# {info.description}" + _allowed(info))
         if isinstance(value, dict) and value and isinstance(sub, type) and issubclass(sub, StrictModel):
             lines.append(f"{pad}{name}:")
             lines += _commented(sub, value, depth + 1)

@@ -61,9 +61,9 @@ class Phase(StrictModel):
     depth: int | None = Field(None, description="New freeze depth (see FreezePolicy.depth).")
     freeze: list[str] | None = Field(None, description="New freeze patterns (replace the old list).")
     unfreeze: list[str] | None = Field(None, description="New unfreeze patterns.")
-    batchnorm: BatchNormPolicy | None = None
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
-    backbone_lr_scale: float | None = Field(None, gt=0.0)
+    batchnorm: BatchNormPolicy | None = Field(None, description="New BatchNorm policy (see FreezePolicy.batchnorm).")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="New layer-wise LR decay, in (0, 1].")
+    backbone_lr_scale: float | None = Field(None, gt=0.0, description="New LR scale of every group but the head.")
 
 
 @dataclass(frozen=True)
@@ -249,10 +249,15 @@ class FreezePolicy(StrictModel):
     depth: int = Field(0, description="Groups frozen from the input side; negative: from the top.")
     freeze: list[str] = Field(default_factory=list, description="Glob patterns of names to freeze.")
     unfreeze: list[str] = Field(default_factory=list, description="Glob patterns to unfreeze (last).")
-    batchnorm: BatchNormPolicy = "follow"
-    layer_decay: float = Field(1.0, gt=0.0, le=1.0)
-    backbone_lr_scale: float = Field(1.0, gt=0.0)
-    phases: list[Phase] = Field(default_factory=list)
+    batchnorm: BatchNormPolicy = Field(
+        "follow", description="BatchNorm layers: 'follow' (train mode where their group trains), 'frozen' (always "
+        "eval: running statistics never move), 'trainable' (always train mode).")
+    layer_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="Layer-wise LR decay: group i of n gets lr * layer_decay ** (n - 1 - i).")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, description="LR multiplier of every group but the head.")
+    phases: list[Phase] = Field(
+        default_factory=list, description="Changes at given epochs (progressive unfreezing): a list of "
+        "{epoch, depth, freeze, unfreeze, batchnorm, layer_decay, backbone_lr_scale}.")
     lora: LoraSettings | None = Field(None, description="LoRA adapters on the backbone's linears (needs peft).")
 
     @model_validator(mode="after")
