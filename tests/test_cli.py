@@ -355,7 +355,8 @@ def test_the_model_card_states_the_recorded_split(tmp_path, capsys):
     root = copy_sample(tmp_path / "data", per_class=3)
     assert main(_tiny_run_args(root, tmp_path / "run", "data.split_seed=7")) == 0
     card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
-    assert f"stratified 40% of {root} held out (split_seed 7)" in card and "not recorded" not in card
+    assert f"stratified 40% of {root.name} held out (split_seed 7)" in card and "not recorded" not in card
+    assert str(tmp_path) not in card  # issue 23: a card is shared; the training machine's paths are not
 
 
 def test_no_network_and_no_weights_is_one_line_naming_the_offline_fix(tmp_path, capsys, monkeypatch):

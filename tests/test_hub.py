@@ -84,3 +84,58 @@ def test_cli_export_format_timm_writes_the_folder(tmp_path, capsys):
                  "--output", str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "timm"
     assert timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).num_classes == 3
+
+
+def test_the_folder_is_readable_tagged_as_fine_tuned_and_carries_a_model_card(tmp_path):
+    """Issue 23: model.safetensors was written 0600, the TF file's fine-tune was tagged as timm's
+    ``ra_in1k``, and no model card went to the hub."""
+    import os
+    import stat
+
+    from conftest import MOBILENET_FILE
+    from tlkit import BackboneConfig, create_backbone
+
+    model = HeadReplacer(len(CLASSES)).apply(create_backbone(BackboneConfig(name="mobilenetv2_100",
+                                                                            weights=MOBILENET_FILE)))
+    tuner = FineTuner(model, CLASSES, config=TrainConfig(device="cpu", progress=False),
+                      data_config={"input_size": [3, 64, 64]})
+    mask = os.umask(0o022)
+    try:
+        save_pretrained(tuner, tmp_path / "model")
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "README.md": 0o644}
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["tag"] == "tlkit_ft" and "ra_in1k" not in json.dumps(cfg) and "hf_hub_id" not in cfg
+    assert cfg["notes"] == ["fine-tuned with tlkit from file:mobilenetv2_100_tf_qat_dequant.safetensors"]
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "cardboard, glass, metal" in card
+    assert str(MOBILENET_FILE.parent) not in card  # the base file by name, not by this machine's path
+    assert timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True).pretrained_cfg["tag"] == "tlkit_ft"
+
+
+def test_push_to_hub_uploads_the_model_card(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploaded.update({p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()})
+            return "https://huggingface.co/x/y/commit/1"
+
+    fake = types.ModuleType("huggingface_hub")
+    fake.HfApi = FakeApi
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    from tlkit.hub import push_to_hub
+
+    push_to_hub(_tuner(), "x/y")
+    assert set(uploaded) == {"config.json", "model.safetensors", "README.md"}

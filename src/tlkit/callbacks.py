@@ -251,14 +251,14 @@ class RunReport(Callback):
         self.facts = {"train_images": dataset_length(train)}
         if val is not None:
             self.facts["val_images"] = dataset_length(val)
-        if hasattr(train, "root"):
-            self.facts["root"] = str(train.root)
+        if hasattr(train, "root"):  # the folder's name only: a card is shared, the machine's paths are not
+            self.facts["root"] = Path(train.root).name
         recorded = tuner.output_dir / "config.yaml" if tuner.output_dir is not None else None
         if val is not None and recorded is not None and recorded.is_file():
             from tlkit.config import RunConfig
 
             try:  # the config tlkit train (or the example) wrote for this run, just before fit
-                self.facts["split"] = RunConfig.from_file(recorded).data.describe_split()
+                self.facts["split"] = RunConfig.from_file(recorded).data.describe_split(names_only=True)
             except ValueError:
                 pass  # a config this run did not write: the card says the split is not recorded
 

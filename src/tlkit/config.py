@@ -339,13 +339,17 @@ class DatasetConfig(StrictModel):
     _whole = field_validator("split_seed", "num_folds", "fold", mode="before")(whole_number)
     _paths = field_validator("root", "val_root")(_no_nul)
 
-    def describe_split(self) -> str:
-        """The validation split in words, for reports and model cards."""
+    def describe_split(self, names_only: bool = False) -> str:
+        """The validation split in words, for reports and model cards (``names_only``: folder
+        names instead of paths, for what is shared beyond this machine)."""
+        def shown(folder: Path | None) -> str:
+            return folder.name if names_only and folder is not None else str(folder)
+
         if self.val_root is not None:
-            return f"validation folder {self.val_root}"
+            return f"validation folder {shown(self.val_root)}"
         if self.num_folds is not None:
             return f"fold {self.fold + 1} of {self.num_folds} stratified folds (split_seed {self.split_seed})"
-        return f"stratified {self.val_fraction:.0%} of {self.root} held out (split_seed {self.split_seed})"
+        return f"stratified {self.val_fraction:.0%} of {shown(self.root)} held out (split_seed {self.split_seed})"
 
     @field_validator("classes")
     @classmethod

@@ -1,8 +1,8 @@
 """Plain-timm model folders: what ``timm.create_model("local-dir:PATH")`` and ``hf-hub:`` load.
 
 `save_pretrained` writes ``config.json`` (architecture, ``num_classes``, ``label_names``, the
-data config as ``pretrained_cfg``, the ``model_args`` such as ``pad_type``) and
-``model.safetensors`` with timm's ``save_for_hf``, the layout the Hugging Face hub serves, so a
+data config as ``pretrained_cfg``, the ``model_args`` such as ``pad_type``),
+``model.safetensors`` with timm's ``save_for_hf``, and a ``README.md`` model card, the layout the Hugging Face hub serves, so a
 fine-tuned model is shared the way the field shares timm models and needs no tlkit to run.
 `load_pretrained` reads such a folder back; `push_to_hub` uploads one.
 
@@ -91,11 +91,53 @@ def save_pretrained(tuner: FineTuner, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     plain = _plain_timm_model(tuner)
+    source = tuner.metadata()["backbone"]["weights_source"]
+    # Not timm's tag of the architecture's default weights (mobilenetv2_100 says "ra_in1k"): these
+    # are fine-tuned weights, from the base weights the checkpoint names.
+    plain.pretrained_cfg = {k: v for k, v in plain.pretrained_cfg.items() if k not in _BASE_WEIGHTS_KEYS}
+    plain.pretrained_cfg.update(tag="tlkit_ft", notes=[f"fine-tuned with tlkit from {source}"])
     data = {k: tuner.data_config[k] for k in DATA_CONFIG_KEYS if k in tuner.data_config}
     data["input_size"] = tuple(data["input_size"])
     timm.models.save_for_hf(plain, str(path), model_config={"label_names": list(tuner.classes)},
                             model_args=dict(tuner.backbone.model_kwargs), data_config=data, safe_serialization=True)
+    weights = path / "model.safetensors"
+    weights.chmod(0o666 & ~_umask())  # safetensors writes it 0600; a shared model is as readable as config.json
+    (path / "README.md").write_text(_model_card(tuner, source), encoding="utf-8")
     return path
+
+
+_BASE_WEIGHTS_KEYS = {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids", "paper_name",
+                      "notes", "source"}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _model_card(tuner: FineTuner, source: str) -> str:
+    """The folder's README.md: a hub model card (front matter for the hub, then the facts to use it)."""
+    from tlkit._text import markdown_text
+    from tlkit._version import __version__
+
+    name = tuner.backbone.name
+    metrics = (tuner.checkpoint_metadata or {}).get("metrics") or {}
+    shown = {k: metrics[k] for k in ("top1", "macro_f1") if isinstance(metrics.get(k), (int, float))}
+    dc = tuner.data_config
+    lines = ["---", "library_name: timm", "tags:", "- image-classification", "- timm", "- tlkit", "---", "",
+             f"# {markdown_text(name)} fine-tuned with tlkit for {len(tuner.classes)} classes", "",
+             f"- Classes (index order): {', '.join(markdown_text(c) for c in tuner.classes)}",
+             f"- Base weights: {markdown_text(source)}; model kwargs `{json.dumps(tuner.backbone.model_kwargs)}`",
+             f"- Input: RGB {tuple(dc['input_size'])}, mean {dc['mean']}, std {dc['std']}, "
+             f"{dc['interpolation']} resize, crop_pct {dc['crop_pct']}, crop_mode {dc.get('crop_mode', 'center')}",
+             f"- Trained with tlkit {__version__}" + (f"; validation {', '.join(f'{k} {v:.3f}' for k, v in shown.items())}"
+                                                     if shown else ""), "",
+             "```python", "import timm", "model = timm.create_model('hf-hub:REPO_ID', pretrained=True)  # or 'local-dir:PATH'",
+             "data = timm.data.resolve_data_config({}, model=model)", "```", ""]
+    return "\n".join(lines)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -171,7 +213,8 @@ def check_timm_folder(path: str | Path, model: nn.Module, x: torch.Tensor) -> fl
 
 
 def push_to_hub(tuner: FineTuner, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
-    """Upload `save_pretrained`'s folder to the Hugging Face hub (needs ``huggingface_hub`` and a token).
+    """Upload `save_pretrained`'s folder (weights, ``config.json`` and its ``README.md`` model card) to the
+    Hugging Face hub (needs ``huggingface_hub`` and a token).
 
     Returns:
         The URL of the commit.
