@@ -3,7 +3,7 @@
 This is how ``docs/images/demo.png`` is made::
 
     python examples/garbage/demo_screenshot.py --checkpoint runs/garbage-finetune-strong \\
-        --photo examples/garbage/data/glass/glass_004.jpg --output docs/images/demo.png
+        --photo examples/garbage/data/glass/glass114.jpg --output docs/images/demo.png
 
 Needs ``pip install "tlkit[demo]" playwright`` and Debian's ``chromium`` package.
 """
