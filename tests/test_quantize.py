@@ -139,3 +139,31 @@ def test_cli_default_calibration_count_is_the_library_one():
     import tlkit.cli
 
     assert tlkit.cli.CALIBRATION_IMAGES == quantize.CALIBRATION_IMAGES
+
+
+@pytest.mark.parametrize("flags,said", [({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False),
+                                        ({"avx2", "avx_vnni"}, False), ({"amx_int8"}, False)])
+def test_export_says_in_one_line_when_the_cpu_cannot_run_int8_faster(tmp_path, capsys, monkeypatch, flags, said):
+    """Issue 23: on an AVX2-only EPYC INT8 gave no speed-up and the tool said nothing."""
+    import tlkit._cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    root = copy_sample(tmp_path / "data", CLASSES, 2)
+    checkpoint = recorded_run(tmp_path / "run", root, CLASSES, val_fraction=0.5)
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "q.onnx"),
+                 "--format", "onnx-int8"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tlkit export: note:")]
+    assert len(notes) == int(said)
+    if said:
+        assert "avx512_vnni, avx_vnni, amx_int8" in notes[0] and "gains size" in notes[0]
+
+
+def test_the_cpu_note_says_nothing_where_the_features_are_unknown(monkeypatch):
+    import tlkit._cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset())
+    assert cpu.int8_note() is None
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"fp", "asimd"}))
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert "asimddp, i8mm" in cpu.int8_note()

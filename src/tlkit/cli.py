@@ -315,7 +315,12 @@ def _export_int8(tuner, args: argparse.Namespace, meta: dict, size: tuple, x, la
     from tlkit.export import export_onnx
     from tlkit.quantize import compare_onnx, export_onnx_int8
 
+    from tlkit._cpu import int8_note
+
     calibration, source = _calibration_batch(tuner, args)
+    note = int8_note()
+    if note:  # said before the quantisation: the user may want the float32 export instead
+        print(f"tlkit export: note: {note}", file=sys.stderr)
     out = export_onnx_int8(tuner.model, args.output, size, calibration, metadata=meta, opset=args.opset,
                            method=args.calibration_method, reduce_range=args.reduce_range)
     result: dict = {"format": "onnx-int8", "path": str(out), "calibration": source,
