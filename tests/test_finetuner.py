@@ -440,3 +440,29 @@ def test_a_partial_data_config_is_completed_from_the_model():
     expected = {**resolve_data_config(model), "input_size": [3, 96, 96]}
     tuner = FineTuner(model, CLASSES, data_config={"input_size": [3, 96, 96]})
     assert tuner.data_config == expected
+
+
+def test_the_readme_python_route_is_reproducible_as_written(tmp_path):
+    """Issue 23: HeadReplacer drew the new head from the caller's global RNG, so TrainConfig(seed=0)
+    did not fix the run. Two runs of the README's route, with the global RNG in different states
+    before each, give bit-identical weights and history."""
+    from conftest import MOBILENET_FILE, copy_sample
+    from tlkit import (BackboneConfig, FreezePolicy, HeadReplacer, ImageFolderDataset, TrainConfig, create_backbone,
+                       stratified_split)
+
+    data = ImageFolderDataset(copy_sample(tmp_path / "data", CLASSES, per_class=5))
+    runs = []
+    for disturb in (1, 2):
+        torch.manual_seed(disturb)
+        torch.rand(disturb * 7)  # whatever ran before in the user's session
+        train, val = stratified_split(data, val_fraction=0.2, seed=0)
+        model = create_backbone(BackboneConfig(name="mobilenetv2_100", weights=MOBILENET_FILE))
+        model = HeadReplacer(num_classes=len(data.classes), dropout=0.2).apply(model)
+        policy = FreezePolicy.linear_probe(batchnorm="frozen").then(1, depth=-3, layer_decay=0.5)
+        tuner = FineTuner(model, data.classes, policy=policy,
+                          config=TrainConfig(epochs=2, seed=0, batch_size=4, progress=False, device="cpu"),
+                          data_config={"input_size": [3, 64, 64]})
+        runs.append((tuner.fit(train, val), tuner.model.state_dict()))
+    (h1, w1), (h2, w2) = runs
+    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
