@@ -52,3 +52,61 @@ def test_skip_markers_give_a_reason():
     for page in PAGES:
         for m in re.finditer(r"<!-- skip-test(.*?)-->", (REPO / page).read_text()):
             assert m.group(1).strip(" :"), f"{page}: skip-test without a reason"
+
+
+SHELL = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
+
+
+def _command_lines(page: str) -> list[tuple[int, str]]:
+    """Each command of the page's shell blocks (continuation lines joined), with its line number."""
+    text = (REPO / page).read_text()
+    out = []
+    for m in SHELL.finditer(text):
+        first = text[: m.start()].count("\n") + 2
+        joined, start = "", None
+        for k, line in enumerate(m.group(1).splitlines()):
+            start = first + k if not joined else start
+            joined += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith("\\") else line
+            if not line.rstrip().endswith("\\"):
+                out.append((start, joined.split("  #")[0].split(" # ")[0].strip()))
+                joined = ""
+    return out
+
+
+def _parsers():
+    import importlib.util
+
+    from tlkit.cli import build_parser
+
+    parsers = {("tlkit",): build_parser(), ("python", "-m", "tlkit"): build_parser()}
+    for name in ("train", "protocol"):
+        spec = importlib.util.spec_from_file_location(f"garbage_{name}", REPO / "examples" / "garbage" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parsers[("python", f"examples/garbage/{name}.py")] = module.build_parser() if name == "train" else None
+    return parsers
+
+
+def test_every_documented_command_line_parses():
+    """Issue 23: the commands the README and the docs give exist with the options they show.
+
+    Synopsis lines (with ``[``, ``|`` or ``...`` placeholders) are skipped; every other ``tlkit``,
+    ``python -m tlkit`` and ``python examples/garbage/train.py`` line must parse.
+    """
+    import shlex
+
+    parsers, checked = _parsers(), 0
+    for page in PAGES:
+        for line, command in _command_lines(page):
+            for part in command.split("&&"):
+                words = shlex.split(part.strip()) if part.strip() else []
+                prefix = next((p for p in parsers if tuple(words[: len(p)]) == p and parsers[p] is not None), None)
+                if prefix is None or any(ch in part for ch in "[|") or "..." in part:
+                    continue
+                try:
+                    parsers[prefix].parse_args(words[len(prefix):])
+                except SystemExit as e:
+                    if e.code:
+                        raise AssertionError(f"{page}:{line}: {part.strip()!r} does not parse") from None
+                checked += 1
+    assert checked >= 40, checked
