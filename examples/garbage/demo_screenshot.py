@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
     parser.add_argument("--photo", required=True, type=Path, help="the photo to upload")
     parser.add_argument("--output", default=Path("demo.png"), type=Path, help="screenshot PNG to write")
+    parser.add_argument("--examples", type=Path, default=Path(__file__).resolve().parent / "data",
+                        help="folder with one sub-folder per class: its first photo of each is an example thumbnail")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
 
@@ -33,7 +35,9 @@ def main() -> None:
 
     tuner = FineTuner.load(args.checkpoint, progress=False)
     expected = tuner.predict(args.photo)[0]
-    demo = launch_demo(tuner, block=False, quiet=True)
+    examples = [sorted(p for p in folder.iterdir() if p.is_file())[0]
+                for folder in sorted(args.examples.iterdir()) if folder.is_dir()]
+    demo = launch_demo(tuner, block=False, quiet=True, examples=examples)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
