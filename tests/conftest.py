@@ -32,6 +32,14 @@ def photo_split(root: Path, classes) -> tuple:
             ImageFolderDataset(copy_sample(root / "val", classes, 2, offset=10)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_origin_key(tmp_path_factory):
+    """The run-origin key (tlkit._origin) of this test session, not the account's ~/.config one."""
+    import os
+
+    os.environ["TLKIT_HOME"] = str(tmp_path_factory.mktemp("tlkit-home"))
+
+
 @pytest.fixture
 def image_root(tmp_path) -> Path:
     return copy_sample(tmp_path / "images")
@@ -67,8 +75,11 @@ def recorded_run(run: Path, root: Path, classes, val_fraction: float) -> Path:
     ``config.yaml`` that names ``root`` and its split. Returns the checkpoint's path."""
     from tlkit import DatasetConfig, RunConfig
 
+    from tlkit._origin import sign_run_config
+
     run.mkdir(parents=True)
     checkpoint = tiny_tuner(classes).save(run / "best.safetensors")
     config = RunConfig(data=DatasetConfig(root=root, val_fraction=val_fraction), output_dir=run)
     (run / "config.yaml").write_text(config.to_yaml())
+    sign_run_config(run)  # as tlkit train does: this account's run
     return checkpoint

@@ -30,7 +30,7 @@ from tlkit.backbone import create_backbone
 from tlkit.checkpoint import CheckpointError
 from tlkit.head import HeadReplacer
 
-__all__ = ["WeightsOnMeta", "check_header_fits_weights"]
+__all__ = ["WeightsOnMeta", "build_on_meta", "check_header_fits_weights"]
 
 # Factory functions whose tensor size is given by their arguments: weights, buffers, masks.
 _SIZED = {torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
@@ -79,23 +79,39 @@ def _one_line(e: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _build_on_meta(header: CheckpointHeader, path: Path) -> nn.Module:
-    """The model the header describes (backbone + stored head), its weights on ``meta``."""
-    config = header.backbone.to_config()
+def build_on_meta(build) -> nn.Module:
+    """``build()`` with its weights on the ``meta`` device (plain meta first, then `WeightsOnMeta`).
+
+    Raises:
+        Exception: what the last, most permissive, attempt raised.
+    """
     error: Exception | None = None
     for mode in _MODES:
         try:
             with mode():
-                model = create_backbone(config)
-                HeadReplacer.from_config(header.head).apply(model)
-                header.freeze_policy.prepare(model)  # LoRA adapters are tensors of the file too
-            return model
-        except Exception as e:  # noqa: BLE001 - whatever timm raises, the file is what is wrong
+                return build()
+        except Exception as e:  # noqa: BLE001 - whatever timm raises, the caller names the file
             error = e  # the last mode is the most permissive: its error is the one that matters
-    raise CheckpointError(
-        f"{path}: header field backbone does not build: timm.create_model({config.name!r}, "
-        f"**{config.model_kwargs!r}) failed ({_one_line(error)})"
-    ) from error
+    raise error
+
+
+def _build_on_meta(header: CheckpointHeader, path: Path) -> nn.Module:
+    """The model the header describes (backbone + stored head), its weights on ``meta``."""
+    config = header.backbone.to_config()
+
+    def build() -> nn.Module:
+        model = create_backbone(config)
+        HeadReplacer.from_config(header.head).apply(model)
+        header.freeze_policy.prepare(model)  # LoRA adapters are tensors of the file too
+        return model
+
+    try:
+        return build_on_meta(build)
+    except Exception as error:  # noqa: BLE001 - whatever timm raises, the file is what is wrong
+        raise CheckpointError(
+            f"{path}: header field backbone does not build: timm.create_model({config.name!r}, "
+            f"**{config.model_kwargs!r}) failed ({_one_line(error)})"
+        ) from error
 
 
 def check_header_fits_weights(header: CheckpointHeader, state: dict[str, torch.Tensor], path: str | Path) -> None:

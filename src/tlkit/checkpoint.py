@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tlkit._fs import atomic_write_bytes  # re-exported: the run folder's one writer
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -78,55 +80,88 @@ def header_digest(metadata: Any, tensor_sha256: str) -> str:
     return h.hexdigest()
 
 
-def _tree_sha256(obj: Any, h: Any = None) -> str:
-    """sha256 of a nested structure of tensors, numbers, strings, lists, tuples and dicts."""
-    top = h is None
-    h = h or hashlib.sha256()
-    if isinstance(obj, torch.Tensor):
-        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
-        h.update(_tensor_bytes(obj))
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}".encode())
-        for k in sorted(obj, key=repr):
-            h.update(f"K{k!r}".encode())
-            _tree_sha256(obj[k], h)
-    elif isinstance(obj, (list, tuple)):  # torch.load may not keep the distinction
-        h.update(f"L{len(obj)}".encode())
-        for v in obj:
-            _tree_sha256(v, h)
-    else:
-        h.update(f"V{obj!r};".encode())
-    return h.hexdigest() if top else ""
+MAX_STATE_DEPTH = 32
+"""Nesting a resume state may have (tlkit writes about 6 levels)."""
+MAX_STATE_NODES = 2_000_000
+"""Values a resume state may hold (lists, dicts and leaves; every tensor counts as one)."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
+class _Tree:
+    """Walks a loaded resume state once: bounded depth and size, no cycles, shared parts hashed once.
 
-    A crash leaves either the old file or the new one, never a half-written file.
+    A hostile state can share one list many times (``l = [l, l]`` 64 deep is 2**64 paths in a
+    1.8 KB file) or contain itself; walking it as a tree would never end. Each container is
+    visited once; a second reference to it is hashed as a back-reference, so a state tlkit wrote
+    (which shares nothing) hashes exactly as before.
+    """
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.seen: dict[int, int] = {}  # id(container) -> its visit number
+        self.open: set[int] = set()
+        self.nodes = 0
+
+    def walk(self, obj: Any, depth: int = 0) -> None:
+        self.nodes += 1
+        if depth > MAX_STATE_DEPTH or self.nodes > MAX_STATE_NODES:
+            raise ValueError(f"nested deeper than {MAX_STATE_DEPTH} levels or holding more than {MAX_STATE_NODES} values")
+        if isinstance(obj, torch.Tensor):
+            self.h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+            self.h.update(_tensor_bytes(obj))
+            return
+        if not isinstance(obj, (dict, list, tuple)):
+            self.h.update(f"V{obj!r};".encode())
+            return
+        key = id(obj)
+        if key in self.open:
+            raise ValueError("holds a list or dict that contains itself")
+        if key in self.seen:
+            self.h.update(f"R{self.seen[key]};".encode())
+            return
+        self.seen[key] = len(self.seen)
+        self.open.add(key)
+        if isinstance(obj, dict):
+            self.h.update(f"D{len(obj)}".encode())
+            for k in sorted(obj, key=repr):
+                self.h.update(f"K{k!r}".encode())
+                self.walk(obj[k], depth + 1)
+        else:  # torch.load may not keep the list/tuple distinction
+            self.h.update(f"L{len(obj)}".encode())
+            for v in obj:
+                self.walk(v, depth + 1)
+        self.open.discard(key)
+
+
+def _tree_sha256(obj: Any) -> str:
+    """sha256 of a nested structure of tensors, numbers, strings, lists, tuples and dicts (see `_Tree`).
 
     Raises:
-        OSError: the write failed (full disk, no permission, ...); its ``filename`` is ``path``
-            (a failed rename keeps both names).
+        ValueError: deeper than `MAX_STATE_DEPTH`, more than `MAX_STATE_NODES` values, or a cycle.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tree = _Tree()
+    tree.walk(obj)
+    return tree.h.hexdigest()
+
+
+def _check_state_archive(path: Path) -> None:
+    """A resume state is a torch zip archive whose records are stored, not compressed.
+
+    ``torch.save`` never compresses; a compressed record (1 MB inflating to 1.5 GB) is refused
+    before ``torch.load`` inflates it, so reading a state needs no more memory than its file size.
+
+    Raises:
+        CheckpointError: not a zip archive, or a compressed record (names it).
+    """
+    import zipfile
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        # Name the file the caller asked for: write and fsync errors name none, open errors the
-        # hidden temporary file (rename errors name both, and stay as they are).
-        if e.errno is not None and e.filename2 is None:
-            e.filename = str(path)
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        with zipfile.ZipFile(path) as archive:
+            packed = next((i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupted training state (not a torch archive: {e})") from None
+    if packed is not None:
+        raise CheckpointError(f"{path}: training state record {packed.filename!r} is compressed "
+                              f"({packed.file_size} bytes inflated); torch.save never writes one, so it is not read")
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -181,6 +216,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path}: not a tlkit checkpoint (no '{FORMAT}' or '{FORMAT_V1}' metadata)")
     if header["format"] == FORMAT and not {"sha256", "digest"} <= set(header):
         raise CheckpointError(f"{path}: corrupted checkpoint ({FORMAT} header without its sha256 and digest)")
+    # A format v1 header (tlkit 0.1.0) holds exactly these keys: a v2 file relabelled v1 (its digest
+    # kept, renamed or dropped to switch the check off) is refused; a digest present is always checked.
+    if header["format"] == FORMAT_V1 and not set(header) <= {"format", "tlkit", "sha256"}:
+        raise CheckpointError(f"{path}: corrupted or edited checkpoint ({FORMAT_V1} header with other keys "
+                              f"{sorted(set(header) - {'format', 'tlkit', 'sha256'})[:3]})")
     sha = tensors_sha256(state)
     if "sha256" in header and sha != header["sha256"]:  # absent in v1 files from tlkit 0.1.0
         raise CheckpointError(f"{path}: corrupted checkpoint (tensor data does not match its sha256)")
@@ -188,7 +228,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads(header["tlkit"])
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError: [[[[...
         raise CheckpointError(f"{path}: corrupted metadata ({type(e).__name__}: {e})") from e
-    if header["format"] == FORMAT and header_digest(meta, sha) != header["digest"]:
+    if "digest" in header and header_digest(meta, sha) != header["digest"]:
         raise CheckpointError(
             f"{path}: corrupted or edited checkpoint header (the metadata does not match its digest)"
         )
@@ -211,20 +251,32 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     Returns:
         The dict given to `save_training_state`.
 
+    The file may come from someone else: its records must be stored, not compressed (memory
+    bounded by the file size), and the structure read must be at most `MAX_STATE_DEPTH` deep,
+    hold at most `MAX_STATE_NODES` values and no cycle; each shared part is hashed once, so
+    reading takes time linear in the file.
+
     Raises:
-        CheckpointError: missing, truncated or corrupted (names the file).
+        CheckpointError: missing, truncated, corrupted, compressed, cyclic or too deep or large
+            (names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state not found: {path}")
+    _check_state_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupted training state ({type(e).__name__}: {e})") from e
+    except Exception as e:  # RecursionError included: a nesting torch's unpickler cannot follow
+        raise CheckpointError(f"{path}: truncated or corrupted training state ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a tlkit training state (holds {type(state).__name__})")
     digest = state.pop("sha256", None)
-    if digest is not None and _tree_sha256(state) != digest:  # absent in files from earlier tlkit versions
+    try:
+        actual = _tree_sha256(state)  # walked even without a digest: it bounds the structure
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a tlkit training state: it is {e}") from None
+    if digest is not None and actual != digest:  # absent in files from earlier tlkit versions
         raise CheckpointError(f"{path}: corrupted training state (content does not match its sha256)")
     return state
 

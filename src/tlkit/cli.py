@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -195,7 +196,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         where = f"--split val of {args.checkpoint}" if args.split else f"{args.data}"
         text = f"# Evaluation of {args.checkpoint}\n\nData: {where}; TTA: {args.tta}.\n\n"
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text + class_report_markdown(class_report(metrics)), encoding="utf-8")
+        from tlkit._fs import atomic_write_bytes
+
+        atomic_write_bytes(args.report, (text + class_report_markdown(class_report(metrics))).encode("utf-8"))
     return 0
 
 
@@ -205,15 +208,44 @@ def _run_config_file(checkpoint: Path | str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
 
 
-def _recorded_split(checkpoint: Path, classes: list[str]):
-    """The validation split a run recorded in its ``config.yaml`` (next to the checkpoint, or in the run folder)."""
-    from tlkit import RunConfig, load_datasets
+def _recorded_data(checkpoint: Path | str, option: str):
+    """The `DatasetConfig` a run recorded in its ``config.yaml``, if this user account's tlkit wrote it.
+
+    A run folder may come from anyone, and its ``config.yaml`` names folders of the machine that
+    trained it: they are read only for a run this account trained (`tlkit._origin`: the file
+    carries this account's signature, unchanged since), and the folder read is said on stderr.
+
+    Raises:
+        FileNotFoundError: no ``config.yaml`` beside the checkpoint.
+        ValueError: a run folder from elsewhere (or an edited ``config.yaml``); the message names
+            ``option``'s alternative.
+    """
+    from tlkit import RunConfig
+    from tlkit._origin import is_own_run
 
     config_file = _run_config_file(checkpoint)
     if not config_file.is_file():
-        raise FileNotFoundError(f"--split val: no {config_file}: the run's split is recorded there; "
-                                "pass --data FOLDER instead")
-    _, val = load_datasets(RunConfig.from_file(config_file).data)
+        raise FileNotFoundError(f"{option}: no {config_file}: the run's split is recorded there; "
+                                f"pass {_INSTEAD[option]} instead")
+    if not is_own_run(config_file.parent):
+        raise ValueError(f"{option}: {config_file} was not written by tlkit under this user account (a run folder "
+                         f"from elsewhere, or an edited config), so the data folder it names is not read; "
+                         f"pass {_INSTEAD[option]}")
+    data = RunConfig.from_file(config_file).data
+    print(f"tlkit: reading {escape_control(str(data.root))} as recorded in {config_file}", file=sys.stderr)
+    return data
+
+
+_INSTEAD = {"--split val": "--data FOLDER", "--format onnx-int8": "--calibration FOLDER (photos like the training ones)",
+            "demo examples": "--examples FOLDER"}
+
+
+def _recorded_split(checkpoint: Path, classes: list[str]):
+    """The validation split a run recorded in its ``config.yaml`` (next to the checkpoint, or in the run folder)."""
+    from tlkit import load_datasets
+
+    config_file = _run_config_file(checkpoint)
+    _, val = load_datasets(_recorded_data(checkpoint, "--split val"))
     if val.classes != classes:
         raise ValueError(f"--split val: {config_file} names classes {val.classes}, the checkpoint {classes}")
     return val
@@ -261,6 +293,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     preds = tuner.predict(_expand(args.images), batch_size=args.batch_size, tta=args.tta, top_k=args.top_k,
                           max_pixels=args.max_pixels, max_bytes=args.max_bytes, on_error=report)
+    for p in [p for p in preds if not math.isfinite(p.probability)]:  # never a "probability": NaN row
+        report(p.path or "?", f"{p.path}: the model's output is not finite (NaN or inf); no prediction")
+        preds.remove(p)
     rows = [{"path": p.path, "label": p.label, "probability": p.probability, "top": p.top,
              "probabilities": p.probabilities} for p in preds]
     if args.format == "json":  # exact values: json.dumps escapes every control character
@@ -282,6 +317,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check_onnx, check_torch_export, check_torchscript, export_onnx, export_torch, export_torchscript,
     )
 
+    _check_output(args)  # before the model loads: a refusal costs nothing
     tuner = FineTuner.load(args.checkpoint, device="cpu", progress=False)
     meta = {"classes": tuner.classes, "data_config": tuner.data_config, "backbone": tuner.backbone.name}
     size = tuple(tuner.data_config["input_size"])
@@ -308,6 +344,51 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _within_memory(tuner, args: argparse.Namespace, calibration, size: tuple):
+    """The calibration photos, evenly thinned to what the histogram methods can hold in half the
+    memory available (`tlkit.quantize.calibration_cap`), said in one line; MinMax takes them all.
+
+    Raises:
+        ValueError: not even one photo fits.
+    """
+    from tlkit.quantize import activation_bytes, calibration_cap
+
+    cap = calibration_cap(tuner.model, size, args.calibration_method)
+    if cap is None or len(calibration) <= cap:
+        return calibration
+    per_photo = activation_bytes(tuner.model, size) / 2**30
+    if cap == 0:
+        raise ValueError(f"--calibration-method {args.calibration_method}: one photo's activations ({per_photo:.2f} GiB) "
+                         "exceed half of the memory available; use --calibration-method minmax")
+    print(f"tlkit export: note: --calibration-method {args.calibration_method} keeps every activation "
+          f"({per_photo:.2f} GiB a photo): calibrating on {cap} of the {len(calibration)} photos to stay within half "
+          "of the memory available", file=sys.stderr)
+    keep = [i * len(calibration) // cap for i in range(cap)]
+    return calibration[keep]
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """``--output`` is never the checkpoint, its run folder or one of the run's files, and an existing
+    file or folder is replaced only with ``--overwrite`` (exports write a temporary file, then rename).
+
+    Raises:
+        ValueError: naming ``--output`` and what to do.
+    """
+    from tlkit.checkpoint import resolve_checkpoint
+    from tlkit.runlock import RUN_FILES
+
+    out = Path(args.output)
+    checkpoint = resolve_checkpoint(args.checkpoint).resolve()
+    run = checkpoint.parent
+    target = out.resolve()
+    if target == checkpoint or checkpoint.is_relative_to(target) or (
+            target.parent == run and target.name in {*RUN_FILES, "config.yaml", "last.state.pt"}):
+        raise ValueError(f"--output {out}: is the checkpoint being exported, a file of its run, or a folder "
+                         "holding it; export somewhere else")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise ValueError(f"--output {out}: already exists; pass --overwrite to replace it")
+
+
 def _export_int8(tuner, args: argparse.Namespace, meta: dict, size: tuple, x, labels) -> int:
     """``--format onnx-int8``: calibrate, quantise, and with ``--check`` compare with the float32 ONNX."""
     import tempfile
@@ -318,6 +399,7 @@ def _export_int8(tuner, args: argparse.Namespace, meta: dict, size: tuple, x, la
     from tlkit._cpu import int8_note
 
     calibration, source = _calibration_batch(tuner, args)
+    calibration = _within_memory(tuner, args, calibration, size)
     note = int8_note()
     if note:  # said before the quantisation: the user may want the float32 export instead
         print(f"tlkit export: note: {note}", file=sys.stderr)
@@ -346,11 +428,27 @@ def _option_files(option: str, where: Path | str) -> list[Path]:
     return _expand([str(where)])
 
 
-def _inputs(tuner, files: list[Path]):
-    """Model inputs ``(N, 3, H, W)`` of ``files``, read as `tlkit predict` reads them."""
+def _inputs(tuner, files: list[Path], option: str) -> tuple:
+    """``(inputs (N, 3, H, W), the files read)``: ``files`` read as `tlkit predict` reads them; an
+    unreadable one is reported on stderr (one line, like predict) and costs only itself.
+
+    Raises:
+        ValueError: not one of ``files`` could be read (names ``option``).
+    """
     import torch
 
-    return torch.stack([tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES) for f in files])
+    from tlkit.images import BadImageError
+
+    tensors, kept = [], []
+    for f in files:
+        try:
+            tensors.append(tuner.prepare_input(f, MAX_PIXELS, MAX_BYTES))
+            kept.append(f)
+        except (BadImageError, OSError) as e:
+            print(f"tlkit export: skipped: {escape_control(str(e))}", file=sys.stderr)
+    if not tensors:
+        raise ValueError(f"{option}: none of its {len(files)} image files could be read")
+    return torch.stack(tensors), kept
 
 
 def _spread(files: list[Path], n: int) -> list[Path]:
@@ -360,7 +458,7 @@ def _spread(files: list[Path], n: int) -> list[Path]:
 
 def _calibration_batch(tuner, args: argparse.Namespace):
     """``(calibration inputs, where they came from)``: ``--calibration``, else the run's training split."""
-    from tlkit import RunConfig, load_datasets
+    from tlkit import load_datasets
 
     if args.calibration is not None:
         files, source = _option_files("--calibration", args.calibration), str(args.calibration)
@@ -369,12 +467,12 @@ def _calibration_batch(tuner, args: argparse.Namespace):
         if not config_file.is_file():
             raise ValueError(f"--format onnx-int8 needs --calibration FOLDER (photos like the training ones), "
                              f"or a checkpoint beside the config.yaml of its run (no {config_file})")
-        train, _ = load_datasets(RunConfig.from_file(config_file).data)
+        train, _ = load_datasets(_recorded_data(args.checkpoint, "--format onnx-int8"))
         files, source = [Path(p) for p, _ in train.samples], f"training split of {config_file}"
     files = _spread(files, args.calibration_images)
     if not files:
         raise ValueError(f"--calibration {source}: no image files there")
-    return _inputs(tuner, files), source
+    return _inputs(tuner, files, "--calibration")[0], source
 
 
 def _check_batch(tuner, where: Path, limit: int = 16):
@@ -386,7 +484,7 @@ def _check_batch(tuner, where: Path, limit: int = 16):
     files = _spread(files, limit) if limit else files
     if not files:
         raise ValueError(f"--check {where}: no image files there")
-    x = _inputs(tuner, files)
+    x, files = _inputs(tuner, files, "--check")
     named = Path(where).is_dir() and all(f.parent.name in tuner.classes for f in files)
     return x, ([tuner.classes.index(f.parent.name) for f in files] if named else None)
 
@@ -423,14 +521,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_examples(tuner, args: argparse.Namespace, limit: int = 12) -> list[Path]:
     """``--examples``: photos of a folder or glob (at most ``limit``), ``none``, or by default one
-    photo per class of the run's validation split (the ``config.yaml`` beside the checkpoint), if any."""
+    photo per class of the run's validation split, for a run this account trained (`_recorded_data`:
+    a downloaded run folder never decides what the page publishes)."""
     if args.examples == "none":
         return []
     if args.examples:
         return _spread(_expand([args.examples]), limit)
+    from tlkit import load_datasets
+
     try:
-        val = _recorded_split(Path(args.checkpoint), tuner.classes)
-    except (OSError, ValueError):  # no recorded run, or its photos are elsewhere: a page without examples
+        _, val = load_datasets(_recorded_data(Path(args.checkpoint), "demo examples"))
+    except (OSError, ValueError) as e:  # no recorded run, a stranger's, or its photos are elsewhere: none
+        print(f"tlkit demo: no example photos: {escape_control(str(e))}", file=sys.stderr)
+        return []
+    if val.classes != tuner.classes:
         return []
     first: dict[int, Path] = {}
     for path, label in val.samples:
@@ -635,6 +739,8 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
                    help="onnx-int8: statically quantised for the edge (calibrated on photos); torch-export: a "
                         ".pt2 ExportedProgram (dynamic batch); timm: a folder plain timm loads with "
                         "create_model('local-dir:PATH', pretrained=True)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (never the checkpoint or its run's files)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--check", type=Path,
                    help="image folder or file/glob: compare the export with PyTorch (onnx-int8: with the float32 "
@@ -678,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help and --version stay fast
     from pydantic import ValidationError
 
+    from tlkit._fs import SymlinkRefused
     from tlkit.backbone import HubDownloadError
     from tlkit.checkpoint import CheckpointError
     from tlkit.distributed import destroy_distributed
@@ -688,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, CheckpointError, ValidationError, RunLockedError,
-            OutputDirError, HubDownloadError) as e:
+            OutputDirError, HubDownloadError, SymlinkRefused) as e:
         if isinstance(e, ValidationError):
             from tlkit.config import RunConfig
 

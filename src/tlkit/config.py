@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from tlkit._fs import atomic_write_bytes
 from tlkit._strict import StrictModel
 from tlkit.freeze import FreezePolicy
 
@@ -832,13 +833,16 @@ class RunConfig(StrictModel):
         return "\n".join(_commented(type(self), data, 0)) + "\n"
 
     def to_file(self, path: str | Path) -> Path:
-        """Write YAML or JSON by suffix, path fields made absolute (the file reads the same anywhere); returns the path."""
+        """Write YAML or JSON by suffix, path fields made absolute (the file reads the same anywhere); returns the path.
+
+        Raises:
+            tlkit._fs.SymlinkRefused: (an ``OSError``) ``path`` is a symbolic link.
+        """
         path = Path(path)
         data = self.with_paths(lambda p: p.absolute()).model_dump(mode="json")
         if path.suffix.lower() == ".json":
             text = json.dumps(data, indent=2)
         else:
             text = yaml.safe_dump(data, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        return path
+        # Atomic, and never through a link planted in a run folder (tlkit._fs).
+        return atomic_write_bytes(path, text.encode("utf-8"))

@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # gradio is an optional extra
 
     from tlkit.finetuner import FineTuner
 
-__all__ = ["build_demo", "launch_demo", "DEFAULT_MAX_UPLOAD_BYTES", "CACHE_SECONDS"]
+__all__ = ["build_demo", "launch_demo", "DEFAULT_MAX_UPLOAD_BYTES", "CACHE_SECONDS", "UPLOAD_QUOTA_FILES", "UploadQuota"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20  # a phone photo is 2-12 MB
 # Gradio's cache (previews, uploads that were never classified) is swept every minute for files
@@ -342,10 +343,59 @@ def launch_demo(
         ImportError: Gradio is not installed.
         ValueError: as `build_demo`.
     """
+    from starlette.middleware import Middleware
+
+    from tlkit._training.signals import interrupt_on_signals
+
     # Built inside the private folder: Gradio copies the example photos into its cache as it builds.
-    with private_upload_folder() if block else contextlib.nullcontext():
+    # SIGTERM ends a blocking server as Ctrl-C does, so the folder and the visitors' uploads go too.
+    with (interrupt_on_signals() if block else contextlib.nullcontext()), \
+            (private_upload_folder() if block else contextlib.nullcontext()):
         demo = build_demo(tuner, top_k=top_k, tta=tta, max_upload_bytes=max_upload_bytes, examples=examples)
         if "max_file_size" in inspect.signature(demo.launch).parameters:  # where the installed Gradio has it
             launch_kwargs.setdefault("max_file_size", max_upload_bytes)
-        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **launch_kwargs)
+        app_kwargs = launch_kwargs.setdefault("app_kwargs", {})
+        app_kwargs.setdefault("middleware", []).append(
+            Middleware(UploadQuota, max_bytes=UPLOAD_QUOTA_FILES * max_upload_bytes, window=CACHE_SECONDS))
+        try:
+            demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **launch_kwargs)
+        except KeyboardInterrupt:
+            demo.close()
     return demo
+
+
+UPLOAD_QUOTA_FILES = 8
+"""Per visitor (client address), uploads may total at most this many times the upload limit within
+`CACHE_SECONDS`: a visitor who uploads and never classifies cannot fill the server's disk."""
+
+
+class UploadQuota:
+    """ASGI middleware: refuse (HTTP 429) a client's upload once its uploads of the last ``window``
+    seconds total ``max_bytes`` (by their ``Content-Length``; a request without one counts as
+    ``max_bytes``)."""
+
+    def __init__(self, app, max_bytes: int, window: float) -> None:
+        self.app, self.max_bytes, self.window = app, max_bytes, window
+        self.used: dict[str, list[tuple[float, int]]] = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+            client = (scope.get("client") or ("unknown",))[0]
+            size = dict(scope["headers"]).get(b"content-length", b"")
+            size = int(size) if size.isdigit() else self.max_bytes
+            now = time.monotonic()
+            recent = [(t, n) for t, n in self.used.get(client, []) if now - t < self.window]
+            if sum(n for _, n in recent) + size > self.max_bytes:
+                self.used[client] = recent
+                await _refuse(send, f"upload quota reached: at most {_size(self.max_bytes)} of uploads per "
+                                    f"{self.window // 60:.0f} minutes; classify or wait")
+                return
+            self.used[client] = [*recent, (now, size)]
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send, message: str) -> None:
+    body = message.encode()
+    await send({"type": "http.response.start", "status": 429,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlkit._fs import check_not_symlink, temp_sibling
+
 __all__ = ["check_onnx", "check_torch_export", "check_torchscript", "export_onnx", "export_torch", "export_torchscript",
            "logit_gap", "set_onnx_metadata"]
 
@@ -99,7 +101,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)  # "export to runs/x/model.onnx" needs no mkdir first
     plain = _static_same_padding(_plain_copy(model).cpu(), tuple(input_size))
     x = _example(plain, tuple(input_size))
-    tmp = path.with_name(f".{path.name}.tmp")
+    check_not_symlink(path)
+    tmp = temp_sibling(path)
     # The TorchScript-based exporter warns about its own deprecation and constant folding of
     # timm's shape arithmetic: nothing the user can act on (the parity check is what counts).
     with warnings.catch_warnings():
@@ -183,7 +186,8 @@ def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = _plain_copy(model).cpu()
-    tmp = path.with_name(f".{path.name}.tmp")
+    check_not_symlink(path)
+    tmp = temp_sibling(path)
     with _quiet_jit():
         with torch.no_grad():
             traced = torch.jit.trace(plain, _example(plain, tuple(input_size)))
@@ -210,7 +214,8 @@ def export_torch(model: nn.Module, path: str | Path, input_size: tuple[int, int,
     plain = _plain_copy(model).cpu()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     program = torch.export.export(plain, (_example(plain, tuple(input_size)),), dynamic_shapes=({0: batch},))
-    tmp = path.with_name(f".{path.stem}.tmp.pt2")  # torch.export.save warns on another suffix
+    check_not_symlink(path)
+    tmp = temp_sibling(path, ".pt2")  # torch.export.save warns on another suffix
     torch.export.save(program, str(tmp), extra_files={"tlkit.json": json.dumps(metadata or {})})
     tmp.replace(path)
     return path

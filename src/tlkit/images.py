@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DECODERS",
     "MAX_PIXELS",
     "MAX_BYTES",
     "BACKGROUND",
@@ -57,8 +58,35 @@ MAX_BYTES = 512 * 2**20
 BACKGROUND = (255, 255, 255)
 """The colour (white) that transparent pixels are composited onto."""
 
+DECODERS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+"""The only Pillow decoders tlkit lets open a file: those of `IMAGE_EXTENSIONS` (JPEG's also
+opens MPO, the multi-picture JPEG some phones write). Pillow otherwise picks a decoder from the file's content,
+whatever its name: a PostScript file named ``photo.jpg`` would start Ghostscript (Pillow's EPS
+plugin runs ``gs``), and a dozen rarely used decoders (DDS, ICNS, ICO, IM, MSP, PCX, PPM, QOI,
+SGI, SPIDER, TGA, XBM) would parse it."""
+
+DECODE_BYTES_PER_PIXEL = 8
+"""Decode memory allowed per pixel that ``max_pixels`` allows, in bytes (`load_image`): an RGB
+JPEG needs about 6 (the decoded image and its RGB copy), so every 8-bit photo within
+``max_pixels`` passes; a 16-bit or alpha image needs more per pixel (`_decode_bytes`) and is
+refused at a correspondingly smaller size before it is decoded."""
+
+SUMMARY_LINES = 10
+"""Bad files listed by name in `ScanReport.summary` (the rest are counted)."""
+
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Peak bytes per pixel of decoding a mode and converting it with `to_rgb`: the decoded image,
+# the intermediate arrays or images of the conversion, and the RGB result.
+_PEAK_BYTES = {"1": 4, "L": 4, "P": 4, "RGB": 6, "YCbCr": 6, "LAB": 6, "HSV": 6, "CMYK": 7,
+               "RGBA": 19, "RGBa": 19, "LA": 17, "La": 17, "PA": 17, "I": 16, "F": 7}
+
+
+def _decode_bytes(mode: str, width: int, height: int, transparent: bool = False) -> int:
+    """Peak memory, in bytes, of decoding a ``width`` x ``height`` image of ``mode`` to RGB
+    (``transparent``: a palette or grey image with a transparent colour, composited like alpha)."""
+    per_pixel = 14 if mode in _SIXTEEN_BIT else _PEAK_BYTES.get(mode, 19)  # 16-bit: 2 + float64 8 + 1 + 3
+    return max(per_pixel, 17 if transparent else 0) * width * height
 
 
 class BadImageError(ValueError):
@@ -110,18 +138,28 @@ class ScanReport:
         """True when every image file is usable."""
         return not self.bad
 
-    def summary(self) -> str:
-        """A human-readable report: one line per bad file (path and reason), then the ignored files."""
-        lines = [f"scanned {self.checked} image files in {self.root}: {self.checked - len(self.bad)} usable, "
-                 f"{len(self.bad)} bad"]
-        lines += [f"  bad: {b.path}: {b.reason}" for b in self.bad]
+    def summary(self, limit: int = SUMMARY_LINES) -> str:
+        """A human-readable report: a line per bad file (path and reason; the first ``limit``, then
+        "and N more"), then the ignored files. File names and reasons come from a stranger's
+        folder: control characters are escaped and each line is at most 300 characters."""
+        from tlkit._text import escape_control
+
+        def line(text: str) -> str:
+            text = escape_control(text)
+            return text if len(text) <= 300 else text[:297] + "..."
+
+        lines = [line(f"scanned {self.checked} image files in {self.root}: {self.checked - len(self.bad)} usable, "
+                      f"{len(self.bad)} bad")]
+        lines += [line(f"  bad: {b.path}: {b.reason}") for b in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more bad files (ScanReport.bad lists them all)")
         if self.empty_classes:
-            lines.append(f"  classes without usable images: {self.empty_classes}")
+            lines.append(line(f"  classes without usable images: {self.empty_classes[:limit]}"))
         if self.ignored:
             names = ", ".join(str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
                               for p in self.ignored[:10])
             more = f" and {len(self.ignored) - 10} more" if len(self.ignored) > 10 else ""
-            lines.append(f"  ignored {len(self.ignored)} non-image file(s): {names}{more}")
+            lines.append(line(f"  ignored {len(self.ignored)} non-image file(s): {names}{more}"))
         return "\n".join(lines)
 
 
@@ -183,8 +221,10 @@ def load_image(
 
     Raises:
         BadImageError: (a ``ValueError``) the file is missing, empty, over ``max_bytes``, claims
-            more than ``max_pixels`` pixels, is truncated or corrupted, or is not an image. The
-            message starts with the path.
+            more than ``max_pixels`` pixels or would need more than `DECODE_BYTES_PER_PIXEL` x
+            ``max_pixels`` bytes to decode (16-bit and alpha images need more per pixel), is
+            truncated or corrupted, or is not one of the `DECODERS` formats (whatever its name).
+            The message starts with the path.
     """
     path = Path(path)
     try:
@@ -200,13 +240,19 @@ def load_image(
             # PIL warns in open() above Image.MAX_IMAGE_PIXELS; our own limit below decides,
             # and the process-wide setting stays as the user left it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path, formats=DECODERS) as opened:
                 width, height = opened.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise BadImageError(
                         f"{path}: header claims {width}x{height} = {width * height} pixels, over the limit of "
                         f"{max_pixels} (max_pixels; possible decompression bomb); not decoded"
                     )
+                need = _decode_bytes(opened.mode, width, height, "transparency" in opened.info)
+                if max_pixels is not None and need > DECODE_BYTES_PER_PIXEL * max_pixels:
+                    raise BadImageError(
+                        f"{path}: a {width}x{height} {opened.mode} image needs about {need / 2**20:.0f} MiB to decode, "
+                        f"over the limit of {DECODE_BYTES_PER_PIXEL * max_pixels / 2**20:.0f} MiB "
+                        f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of max_pixels); not decoded")
                 if draft_size is not None:
                     opened.draft("RGB", (draft_size, draft_size))  # a no-op except for JPEG
                 opened.load()  # decode now, so truncation shows up here and not in a transform
@@ -221,6 +267,9 @@ def load_image(
         raise
     except Image.DecompressionBombError as e:
         raise BadImageError(f"{path}: refused by PIL as a possible decompression bomb ({e}); not decoded") from e
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: cannot decode: not a {', '.join(DECODERS)} image (the formats tlkit "
+                            "reads, whatever the file's name says)") from None
     except Exception as e:  # noqa: BLE001 - decoders of hostile files raise anything (struct.error, SyntaxError...)
         reason = "truncated file" if "truncated" in str(e) else "cannot decode"
         raise BadImageError(f"{path}: {reason} ({type(e).__name__}: {e})") from e
@@ -264,15 +313,60 @@ def expand_image_paths(patterns: Iterable[str | Path]) -> list[Path]:
     for pattern in patterns:
         text = str(pattern)
         if Path(text).is_dir():
-            found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = [p for p in _walk_files(Path(text)) if p.suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
                 raise FileNotFoundError(f"{text}: folder holds no image (suffixes {sorted(IMAGE_EXTENSIONS)})")
             out += found
         elif not Path(text).exists() and glob.has_magic(text):  # an existing "a[1].jpg" is a file, not a glob
-            hits = sorted(glob.glob(text, recursive=True))
+            hits = _glob(text)
             if not hits:
                 raise FileNotFoundError(f"{text}: no file matches")
-            out += [Path(h) for h in hits if Path(h).is_file()]
+            out += hits
         else:
             out.append(Path(text))
     return list(dict.fromkeys(out))
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted; links to folders are not followed (a link loop ends)."""
+    import os
+
+    return sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=False) for f in files)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The files matching ``pattern`` (``*``, ``?``, ``[...]`` within a name, ``**`` for any folders),
+    sorted; found by walking from its fixed prefix without following links to folders, so a link
+    loop under a ``**`` ends (Python's glob follows them)."""
+    import re
+
+    parts = Path(pattern).parts
+    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    regex = "".join("(?:[^/]*/)*" if p == "**" else _segment(p) + "/" for p in parts[fixed:])
+    matcher = re.compile(regex.removesuffix("/") + r"\Z")
+    if not base.is_dir():
+        return []
+    return [p for p in _walk_files(base) if matcher.match(p.relative_to(base).as_posix())]
+
+
+def _segment(part: str) -> str:
+    """One path component of a glob as a regex that never crosses a ``/`` (fnmatch's rules)."""
+    import re
+
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        close = part.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif close != -1:
+            body = part[i + 1: close].replace("\\", "\\\\")
+            out.append(f"[^/{body[1:]}]" if body.startswith("!") else f"[{body}]")
+            i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlkit._origin import sign_run_config
 from tlkit.config import DatasetConfig, RunConfig
 
 __all__ = ["ProtocolResult", "cross_validate", "repeat_seeds"]
@@ -71,6 +72,7 @@ def _run_once(config: RunConfig, label: Any, log: Callable[[str], None]) -> dict
     tuner = FineTuner.from_config(config, train.classes)
     check_run_folder(config.output_dir)  # before config.yaml: a finished run is never touched
     config.to_file(Path(config.output_dir) / "config.yaml")
+    sign_run_config(config.output_dir)
     t0 = time.perf_counter()
     tuner.fit(train, val)
     seconds = time.perf_counter() - t0

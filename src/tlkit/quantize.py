@@ -14,7 +14,10 @@ CPUs without VNNI, ``reduce_range=True`` avoids the saturation its guide warns a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlkit._fs import check_not_symlink
 from tlkit.export import export_onnx, set_onnx_metadata
 
-__all__ = ["CALIBRATION_IMAGES", "compare_onnx", "export_onnx_int8", "images_per_second", "onnx_logits",
-           "read_metadata"]
+__all__ = ["CALIBRATION_IMAGES", "activation_bytes", "available_memory", "calibration_cap", "compare_onnx",
+           "export_onnx_int8", "images_per_second", "onnx_logits", "read_metadata"]
 
 CALIBRATION_IMAGES = 128
 """Calibration photos `tlkit export --format onnx-int8` takes from the training folder by default."""
@@ -68,6 +72,79 @@ def _with_metadata(target: Path, metadata: dict[str, Any] | None) -> None:
     onnx.save(proto, str(target))
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """onnxruntime's calibrators print progress to stdout; a command's stdout is its JSON: move it."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)  # native writes too
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def activation_bytes(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Bytes of float32 activations one photo produces in ``model`` (every module's output summed).
+
+    What onnxruntime's histogram calibrators (percentile, entropy) keep for every calibration
+    photo; measured with a forward pass of one photo on the ``meta`` device (no memory used).
+    """
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else [output]:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * 4
+
+    twin = _meta_copy(model)
+    leaves = [m for m in twin.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            twin(torch.empty(1, *input_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    twin = copy.deepcopy(model).float().eval()
+    return twin.to_empty(device="meta") if hasattr(twin, "to_empty") else twin.to("meta")
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (Linux), else ``None``."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def calibration_cap(model: nn.Module, input_size: tuple[int, int, int], method: str,
+                    memory: int | None = None) -> int | None:
+    """The most calibration photos ``method`` can take within half of ``memory`` (default: the
+    memory available now), or ``None`` when there is no bound (MinMax keeps two numbers per tensor
+    and batch; the histogram methods keep every activation of every photo).
+    """
+    if method == "minmax":
+        return None
+    memory = available_memory() if memory is None else memory
+    if memory is None:
+        return None
+    return max(0, int(memory * 0.5 // max(activation_bytes(model, input_size), 1)))
+
+
 def _check_calibration(calibration: torch.Tensor, input_size: tuple[int, int, int], method: str) -> None:
     if method not in _METHODS:
         raise ValueError(f"method={method!r}: use one of {sorted(_METHODS)}")
@@ -79,7 +156,7 @@ def _check_calibration(calibration: torch.Tensor, input_size: tuple[int, int, in
 def export_onnx_int8(
     model: nn.Module, path: str | Path, input_size: tuple[int, int, int], calibration: torch.Tensor, *,
     metadata: dict[str, Any] | None = None, per_channel: bool = True, method: str = "minmax",
-    reduce_range: bool = False, opset: int = 17,
+    reduce_range: bool = False, opset: int = 17, memory: int | None = None,
 ) -> Path:
     """Write ``model`` as a statically quantised INT8 ONNX file (dynamic batch).
 
@@ -102,32 +179,44 @@ def export_onnx_int8(
             photo (about 0.1 GB a photo for MobileNetV2 at 448 x 336: use 32 photos or fewer).
         reduce_range: 7-bit weights, for x86 CPUs without VNNI (see the module docstring).
         opset: ONNX opset of the float export.
+        memory: bytes the calibration may use twice over (`calibration_cap`); default the
+            memory available now. onnxruntime's progress lines go to stderr, never stdout.
 
     Returns:
         ``path``.
 
     Raises:
         ImportError: onnx or onnxruntime is missing.
-        ValueError: ``calibration`` is empty or not ``(N, *input_size)``, or ``method`` is unknown.
+        ValueError: ``calibration`` is empty or not ``(N, *input_size)``, ``method`` is unknown, or
+            a histogram method would need more than half of ``memory`` (`calibration_cap`).
     """
     _ort()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     _check_calibration(calibration, input_size, method)
+    cap = calibration_cap(model, input_size, method, memory)
+    if cap is not None and len(calibration) > cap:
+        need = activation_bytes(model, input_size) * len(calibration)
+        raise ValueError(f"method={method!r} keeps every activation of every calibration photo: {len(calibration)} "
+                         f"photos need about {need / 2**30:.1f} GiB, more than half of the memory available; "
+                         f"give at most {cap} photos, or method='minmax'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_not_symlink(path)
     with tempfile.TemporaryDirectory(prefix=".tlkit-int8-", dir=path.parent) as tmp:
         fp32, prepared, tmp_out = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, fp32, input_size, opset=opset, metadata=metadata)
         quant_pre_process(str(fp32), str(prepared))
         # MinMax keeps only per-tensor ReduceMin/ReduceMax per batch; onnxruntime's histogram
         # methods keep every activation of every calibration photo (see `method`).
-        quantize_static(
-            str(prepared), str(tmp_out), _reader(calibration, batch=_CALIBRATION_BATCH), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
-        )
+        with _stdout_to_stderr():
+            quantize_static(
+                str(prepared), str(tmp_out), _reader(calibration, batch=_CALIBRATION_BATCH),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
+            )
         _with_metadata(tmp_out, metadata)
         tmp_out.replace(path)
     return path

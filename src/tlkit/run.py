@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tlkit._origin import sign_run_config
 from tlkit._text import escape_control
 from tlkit._training.guard import claim_run_folder, run_guard
 from tlkit._training.signals import exit_status
@@ -101,6 +102,7 @@ def record_config(tuner: FineTuner, config: RunConfig, resume: bool) -> None:
     if resume and path.is_file() and RunConfig.from_file(path).train.epochs == config.train.epochs:
         return
     config.to_file(path)
+    sign_run_config(config.output_dir)  # marks the run as this account's (tlkit._origin)
 
 
 def prepare_run(config: RunConfig, train: Any, val: Any = None, *, resume: bool = False,

@@ -48,6 +48,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tlkit._fs import SymlinkRefused, open_no_follow
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -137,8 +139,11 @@ class OutputDirError(OSError):
     def __init__(self, folder: Path, error: OSError, what: str = "cannot write the run folder"):
         reason = error.strerror or str(error)
         code = f" (errno {error.errno})" if error.errno else ""
-        super().__init__(f"{folder}: {what}: {reason}{code}; fix its permissions or free space, "
-                         "or choose another output_dir")
+        if isinstance(error, SymlinkRefused):  # a planted link: nothing to fix in permissions
+            super().__init__(f"{folder}: {Path(error.filename).name} {reason}")
+        else:
+            super().__init__(f"{folder}: {what}: {reason}{code}; fix its permissions or free space, "
+                             "or choose another output_dir")
         self.errno, self.strerror, self.filename = error.errno, reason, str(folder)
 
     def __str__(self) -> str:  # OSError would print "[Errno N] strerror: filename" instead
@@ -271,7 +276,8 @@ class RunLock:
         """Open and lock the lock file, retrying while a releasing holder replaces it."""
         for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+                # O_NOFOLLOW: a lock file planted as a link to ~/notes.txt must not become our JSON.
+                fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # a run that just ended removed the folder it had made
                 self._make_folder()
                 continue
@@ -376,16 +382,24 @@ def _read_info(fd: int) -> dict[str, Any] | None:
     return None
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A lock record's field for a message: one line, control characters escaped, at most ``limit``.
+
+    The record is a file in a folder that may come from anyone (a planted ``.tlkit.lock``)."""
+    from tlkit._text import escape_control
+
+    text = escape_control(" ".join(str(value).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(holder: dict[str, Any] | None) -> str:
     if holder is None:
         return "a process whose record could not be read"
-    command = " ".join(str(holder.get("command", "?")).split())  # one line, whatever the arguments
-    if len(command) > _MAX_COMMAND:
-        command = command[: _MAX_COMMAND - 3] + "..."
-    since = str(holder.get("started", "?"))
+    since = _shown(holder.get("started", "?"), 40)
     if isinstance(holder.get("started_unix"), (int, float)):
         since += f" ({max(0, round(time.time() - holder['started_unix']))} s ago)"
-    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {since}, command: {command}"
+    return (f"pid {_shown(holder.get('pid', '?'), 20)} on host {_shown(holder.get('host', '?'))}, since {since}, "
+            f"command: {_shown(holder.get('command', '?'), _MAX_COMMAND)}")
 
 
 def _busy_message(folder: Path, holder: dict[str, Any] | None) -> str:

@@ -174,12 +174,16 @@ def load_weights_checked(model: nn.Module, state: dict[str, torch.Tensor], path:
         skip_prefixes: names starting with these keep the model's own values (a new head).
 
     Raises:
-        CheckpointError: names the first mismatching tensors, in model order, and the file.
+        CheckpointError: names the first mismatching tensors, in model order, and the file; or a
+            tensor holding NaN or inf (such weights predict NaN for every photo).
     """
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)} if skip_prefixes \
         else model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)} if skip_prefixes else state
     check_tensors_match(own, state, path)
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or inf values (not finite); not loaded")
     model.load_state_dict(state, strict=not skip_prefixes)
 
 
