@@ -344,3 +344,17 @@ def test_the_api_reports_a_bad_file_without_a_traceback_in_the_log(served, tmp_p
         _client(demo, tmp_path).predict(handle_file(str(bad)), api_name="/classify")
     err = capfd.readouterr().err
     assert "Traceback" not in err and sum(line.startswith("tlkit demo: broken.jpg") for line in err.splitlines()) == 1
+
+
+def test_a_prediction_below_the_reject_threshold_says_not_sure_on_the_page(tmp_path):
+    from tlkit.demo import _classify_upload, _shown
+
+    tuner = tiny_tuner(CLASSES)
+    photo = sorted((SAMPLE / "glass").iterdir())[0]
+    tuner.calibration = {"temperature": 1.0, "reject_threshold": 1.0}  # never sure enough
+    preview, probabilities, status = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24,
+                                                                    ValueError), str(photo))
+    assert preview is not None and set(probabilities) == set(CLASSES)
+    assert status.startswith("**Not sure.**") and "100%" in status
+    tuner.calibration = {"temperature": 1.0, "reject_threshold": 0.0}
+    assert _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))[2] == ""

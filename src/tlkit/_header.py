@@ -64,7 +64,7 @@ the caller (or the defaults), never from a checkpoint."""
 STORED_FIELDS: frozenset[str] = frozenset({
     "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "min_lr_ratio",
     "label_smoothing", "grad_clip_norm", "mixup_alpha", "cutmix_alpha", "mixup_prob", "class_weights", "sampler", "ema_decay",
-    "unfreeze_warmup_epochs", "early_stopping_patience", "best_metric", "seed", "precision", "channels_last",
+    "unfreeze_warmup_epochs", "wise_ft", "early_stopping_patience", "best_metric", "seed", "precision", "channels_last",
     "jpeg_draft", "flush_denormal", "feature_cache", "feature_views",
 })
 """`TrainConfig` fields taken from a checkpoint: how the weights were trained and how their inputs
@@ -163,6 +163,13 @@ def _bounded_policy(policy: FreezePolicy) -> FreezePolicy:
     return policy
 
 
+class CalibrationHeader(_Schema):
+    """``calibration``: the temperature and reject threshold fitted on the validation split."""
+
+    temperature: float = Field(ge=0.05, le=20.0)
+    reject_threshold: float = Field(ge=0.0, le=1.0)
+
+
 class CheckpointHeader(_Schema):
     """The ``"tlkit"`` JSON document of a checkpoint, validated (see the module docstring).
 
@@ -184,6 +191,7 @@ class CheckpointHeader(_Schema):
     epoch: int = Field(0, ge=0, le=MAX_EPOCH)
     metrics: dict[Annotated[str, Field(max_length=MAX_NAME_LENGTH)], JsonValue] = Field(
         default_factory=dict, max_length=MAX_METRICS)
+    calibration: CalibrationHeader | None = None
 
     @field_validator("train_config", mode="before")
     @classmethod

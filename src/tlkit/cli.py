@@ -275,7 +275,8 @@ def _print_table(rows: list[dict], top_k: int) -> None:
     width = max(len(p) for p in paths)
     print(f"{'path':<{width}}  top-{top_k}")
     for path, r in zip(paths, rows):
-        print(f"{path:<{width}}  " + ", ".join(f"{escape_control(c)} {v:.1%}" for c, v in r["top"]))
+        unsure = "" if r["sure"] else "not sure: "  # below the reject threshold fitted on validation photos
+        print(f"{path:<{width}}  {unsure}" + ", ".join(f"{escape_control(c)} {v:.1%}" for c, v in r["top"]))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -297,10 +298,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         report(p.path or "?", f"{p.path}: the model's output is not finite (NaN or inf); no prediction")
         preds.remove(p)
     rows = [{"path": p.path, "label": p.label, "probability": p.probability, "top": p.top,
-             "probabilities": p.probabilities} for p in preds]
+             "probabilities": p.probabilities, "sure": p.sure} for p in preds]
     if args.format == "json":  # exact values: json.dumps escapes every control character
         for r in rows:
-            print(json.dumps({k: r[k] for k in ("path", "label", "probability", "probabilities")}))
+            print(json.dumps({k: r[k] for k in ("path", "label", "probability", "sure", "probabilities")}))
     elif args.format == "csv":
         _print_csv(rows, tuner.classes)
     elif rows:

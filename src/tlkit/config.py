@@ -278,6 +278,12 @@ class AugmentConfig(StrictModel):
         "'original', 'v0'.",
     )
     re_prob: float = Field(0.0, ge=0.0, le=1.0, description="Random-erasing probability (timm, Zhong et al. 2020).")
+    background: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Probability of swapping a photo's plain, light background for a generated floor, table or ground "
+        "texture, the object rotated and rescaled (tlkit.background.BackgroundSwap; for photos taken on one plain "
+        "background, such as TrashNet's posterboard).",
+    )
 
     @field_validator("auto_augment")
     @classmethod
@@ -424,6 +430,11 @@ class TrainConfig(StrictModel):
         None, gt=0.0, lt=1.0,
         description="Keep an exponential moving average of the weights (timm ModelEmaV3, with warm-up); "
         "validation, checkpoints and the model after fit use the average.",
+    )
+    wise_ft: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="WiSE-FT (Wortsman et al. 2022): from the first phase boundary on, validate, checkpoint and keep "
+        "(1 - wise_ft) * the weights at that boundary (the linear probe) + wise_ft * the current weights; None: off.",
     )
     unfreeze_warmup_epochs: float = Field(
         0.0, ge=0.0, le=MAX_EPOCHS,

@@ -346,8 +346,8 @@ def create_transforms(
 
     Args:
         data_config: as returned by `tlkit.resolve_data_config`.
-        augment: training augmentation (random-resized crop, flips, colour jitter, auto-augment,
-            random erasing).
+        augment: training augmentation (background swap, random-resized crop, flips, colour
+            jitter, auto-augment, random erasing).
 
     Returns:
         ``(train_transform, eval_transform)``; both map a PIL RGB image to a float32 tensor
@@ -384,6 +384,13 @@ def create_transforms(
         primary, _, final = train
         interpolation = T.InterpolationMode.BICUBIC if data_config["interpolation"] == "bicubic" else T.InterpolationMode.BILINEAR
         train = T.Compose([*primary.transforms, T.TrivialAugmentWide(interpolation=interpolation), *final.transforms])
+    if augment.background > 0:
+        # Before timm's crop: the swap composes the whole frame, which the crop then samples.
+        from torchvision import transforms as T
+
+        from tlkit.background import BackgroundSwap
+
+        train = T.Compose([BackgroundSwap(augment.background), train])
     evaluation = create_transform(
         **common,
         is_training=False,

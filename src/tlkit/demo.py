@@ -130,6 +130,10 @@ def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes
     except BadImageError as e:
         raise error(_public_message(str(e), path, name)) from None
     preview.thumbnail((_PREVIEW_SIDE, _PREVIEW_SIDE))
+    if not prediction.sure:  # below the reject threshold fitted on the validation photos
+        threshold = (tuner.calibration or {}).get("reject_threshold", 0.0)
+        _NOTES[path] = (f"**Not sure.** The most probable class, {markdown_text(prediction.label)}, has "
+                        f"{prediction.probability:.0%}, below the {threshold:.0%} this model needs to answer.")
     return preview, prediction.probabilities
 
 
@@ -201,18 +205,20 @@ def build_demo(
         except _UserError as e:
             _log(str(e))
             raise gr.Error(str(e), print_exception=False) from None
+        finally:
+            _NOTES.pop(path, None)
 
     def on_upload(upload: dict[str, Any] | str | None):
         path, name = _payload(upload)
         if not path:
             return None, None, ""
-        return _shown(lambda: run(path, name, keep=False))
+        return _shown(lambda: run(path, name, keep=False), path)
 
     copies = _neutral_copies(examples)
 
     def on_example(evt):
         # An operator's photo (its neutral copy): kept.
-        return _shown(lambda: run(str(copies[evt.index]), f"example {evt.index + 1}", keep=True))
+        return _shown(lambda: run(str(copies[evt.index]), f"example {evt.index + 1}", keep=True), str(copies[evt.index]))
 
     # Gradio passes the click's SelectData to a parameter annotated with its class; the class
     # object itself, since this module's annotations are strings and `gr` is local here.
@@ -238,14 +244,18 @@ def _log(message: str) -> None:
     print(f"tlkit demo: {escape_control(message)}", file=sys.stderr, flush=True)
 
 
-def _shown(classify) -> tuple[Any, Any, str]:
-    """``(preview, label, status)`` for the page: a user error is the status line, never an exception."""
+_NOTES: dict[str, str] = {}  # upload path -> "not sure" note, handed from _classify_upload to _shown
+
+
+def _shown(classify, path: str) -> tuple[Any, Any, str]:
+    """``(preview, label, status)`` for the page: a user error is the status line, never an exception;
+    an answer below the reject threshold says "Not sure" there."""
     try:
         preview, probabilities = classify()
     except _UserError as e:
         _log(str(e))
         return None, None, f"**Could not classify:** {markdown_text(str(e))}"
-    return preview, probabilities, ""
+    return preview, probabilities, _NOTES.pop(path, "")
 
 
 def _neutral_copies(examples: Sequence[str | Path]) -> list[Path]:

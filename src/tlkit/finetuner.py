@@ -97,6 +97,8 @@ class FineTuner:
         is_main: whether this process writes files and prints (rank 0, or the only process).
         checkpoint_metadata: the header of the checkpoint `load` read (backbone, weights
             source, classes, data config, configs, epoch, ``metrics``); ``None`` otherwise.
+        calibration: ``{"temperature", "reject_threshold"}`` fitted on the validation split
+            (`tlkit.calibration`), used by `predict`; ``None`` without validation data.
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], *, policy: FreezePolicy | None = None,
@@ -132,6 +134,8 @@ class FineTuner:
         self.worker_init_fn: Any = worker_init_fn()  # DataLoader workers die with this process
         self._compiled: nn.Module | None = None
         self.ema: nn.Module | None = None  # timm ModelEmaV3 while config.ema_decay is set
+        self.wise_anchor: dict[str, torch.Tensor] | None = None  # WiSE-FT's anchor (config.wise_ft)
+        self.wise_twin: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = make_grad_scaler(self.amp_dtype, self.device)  # float16 only
         self.step = self.epoch = self.steps_per_epoch = 0
@@ -139,6 +143,8 @@ class FineTuner:
         self.best: dict[str, Any] = {"metric": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.checkpoint_metadata: dict[str, Any] | None = None
+        # {"temperature", "reject_threshold"} fitted on the validation split (tlkit.calibration).
+        self.calibration: dict[str, float] | None = None
 
     def _check_head(self, head: HeadConfig) -> HeadConfig:
         if len(self.classes) < 2:
@@ -410,7 +416,9 @@ class FineTuner:
 
         Returns:
             One `Prediction` per readable image, in input order; `Prediction.path` names the
-            file each came from.
+            file each came from. With a `calibration` (fitted on the validation split by `fit`,
+            stored in its checkpoints) the probabilities are temperature-scaled and a prediction
+            below the reject threshold is not `Prediction.sure` (its `answer` is "not sure").
 
         Raises:
             BadImageError: (a ``ValueError``) with ``on_error="raise"``: an image file is
@@ -427,7 +435,7 @@ class FineTuner:
             return predict_batches(self.model, items, lambda it: self.prepare_input(it, max_pixels, max_bytes),
                                    self.classes, self.runtime, batch_size or self.eval_batch_size, tta=tta,
                                    progress=self.config.bars and self.is_main, top_k=top_k,
-                                   on_error=error_handler(on_error))
+                                   on_error=error_handler(on_error), calibration=self.calibration)
 
     # -- persistence ----------------------------------------------------------------------------
     def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -526,6 +534,7 @@ class FineTuner:
         skip = tuple(f"{n}." for n in classifier_module_names(tuner.model)) if new_head else ()
         run_state.load_weights_checked(tuner.model, state, path, skip)
         tuner.epoch = 0 if new_head else run.epoch
+        tuner.calibration = None if new_head else run.calibration
         tuner.checkpoint_metadata = meta
         tuner.model.eval()
         return tuner

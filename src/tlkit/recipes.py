@@ -76,6 +76,24 @@ def _finetune_strong(cfg: RunConfig) -> RunConfig:
     })
 
 
+def _lp_ft(cfg: RunConfig) -> RunConfig:
+    # LP-FT (Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform
+    # Out-of-Distribution", ICLR 2022): fit the new head to convergence on frozen features first
+    # (5 epochs from cached features of the eval view: the backbone runs once), then fine-tune the
+    # last four stages with smaller steps (backbone LRs x0.3, layer-wise decay 0.6, a one-epoch
+    # ramp), so that a random head's large early gradients never reach the pretrained features.
+    policy = FreezePolicy.linear_probe(batchnorm="frozen").then(5, depth=-5, layer_decay=0.6, backbone_lr_scale=0.3)
+    augment = cfg.data.augment.model_copy(update={"auto_augment": "trivialaugment", "re_prob": 0.1,
+                                                  "scale": (0.35, 1.0)})
+    return cfg.model_copy(update={
+        "freeze": policy,
+        "data": cfg.data.model_copy(update={"augment": augment}),
+        "train": cfg.train.model_copy(update={"epochs": 15, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1.0,
+                                              "label_smoothing": 0.1, "feature_cache": True,
+                                              "class_weights": "balanced", "unfreeze_warmup_epochs": 1.0}),
+    })
+
+
 def _scratch(cfg: RunConfig) -> RunConfig:
     # Random initialisation, every parameter and BatchNorm trains, same budget as "finetune".
     return cfg.model_copy(update={
@@ -90,6 +108,7 @@ RECIPES: dict[str, Callable[[RunConfig], RunConfig]] = {
     "linear-probe": _linear_probe,
     "finetune": _finetune,
     "finetune-strong": _finetune_strong,
+    "lp-ft": _lp_ft,
     "scratch": _scratch,
 }
 """Recipe name -> function that returns a RunConfig with that recipe's settings."""
@@ -107,6 +126,9 @@ def apply_recipe(config: RunConfig, name: str) -> RunConfig:
         ``finetune-strong``: the ``finetune`` phases, 15 epochs, TrivialAugment + random
         erasing, EMA of the weights (0.998), balanced class weights, weight decay 0.05, a
         one-epoch LR ramp for the stages unfrozen at epoch 2.
+        ``lp-ft``: LP-FT (Kumar et al. 2022): 5 head-only epochs from cached features, then
+        the last 4 stages at backbone LR x0.3 with layer-wise decay 0.6, 15 epochs, the
+        ``finetune-strong`` augmentation and class weights.
         ``scratch``: random init, everything trains, 12 epochs.
 
     Raises:

@@ -193,6 +193,26 @@ def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | 
     return "\n".join(lines) + "\n"
 
 
+def calibration_report(record: dict[str, Any]) -> dict[str, Any]:
+    """The calibration of an epoch record (`tlkit.calibration`), as ``{"calibration": {...}}``, or ``{}``."""
+    keys = ("temperature", "ece_raw", "ece", "reject_threshold")
+    return {"calibration": {k: record[k] for k in keys}} if all(k in record for k in keys) else {}
+
+
+def calibration_markdown(report: dict[str, Any]) -> str:
+    """A paragraph on the calibration of ``report`` (empty without one)."""
+    c = report.get("calibration")
+    if not c:
+        return ""
+    from tlkit.calibration import REJECT_COVERAGE
+
+    return (f"\n## Calibration (validation split)\n\nTemperature {c['temperature']:.3f} (probabilities are "
+            f"softmax(logits / T)); expected calibration error {c['ece_raw']:.3f} before, {c['ece']:.3f} after. "
+            f"Predictions below a probability of {c['reject_threshold']:.3f} say \"not sure\": "
+            f"{REJECT_COVERAGE:.0%} of the validation photos are above it. Both were fitted on the validation "
+            "split that also chose this checkpoint, so they are optimistic on other photos.\n")
+
+
 def shipped_metrics(tuner: FineTuner) -> tuple[dict[str, Any], ClassificationMetrics] | None:
     """The validation record and metrics of the checkpoint a run folder ships, or ``None`` (no validation).
 
@@ -227,10 +247,11 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
     shipped = shipped_metrics(tuner)
     if shipped is not None:
         record, metrics = shipped
-        report = {**class_report(metrics), "epoch": record["epoch"]}
+        report = {**class_report(metrics), "epoch": record["epoch"], **calibration_report(record)}
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", (f"# Validation report (epoch {record['epoch']})\n\n"
-                                               + class_report_markdown(report)).encode())
+                                               + class_report_markdown(report)
+                                               + calibration_markdown(report)).encode())
         atomic_write_bytes(out / "MODEL_CARD.md", model_card(tuner, report, data).encode())
         written.update(report_json=out / "report.json", report_md=out / "report.md", model_card=out / "MODEL_CARD.md")
     try:

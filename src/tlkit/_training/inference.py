@@ -34,6 +34,8 @@ class Prediction:
         top: the ``top_k`` most probable ``(class name, probability)`` pairs, most probable first
             (every class when `FineTuner.predict` got no ``top_k``).
         path: the file the image came from, ``None`` for a PIL image or a tensor.
+        sure: ``False`` when ``probability`` is below the reject threshold fitted on the validation
+            split (`tlkit.calibration`); then `answer` is ``"not sure"``.
     """
 
     label: str
@@ -42,6 +44,12 @@ class Prediction:
     probabilities: dict[str, float]
     top: list[tuple[str, float]] = field(default_factory=list)
     path: str | None = None
+    sure: bool = True
+
+    @property
+    def answer(self) -> str:
+        """``label``, or ``"not sure"`` when the probability is below the checkpoint's reject threshold."""
+        return self.label if self.sure else "not sure"
 
 
 def log_probs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runtime: Runtime,
@@ -61,16 +69,18 @@ def log_probs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], loader: Any,
                     classes: Sequence[str], runtime: Runtime, *, sharded: bool = False, tta: str = "none",
-                    progress: bool = False) -> ClassificationMetrics:
+                    progress: bool = False, outputs: list[torch.Tensor] | None = None) -> ClassificationMetrics:
     """Metrics of ``forward`` over ``loader`` with ``model`` in eval mode (restored after, also on errors).
 
     The loss is the mean negative log-likelihood (cross-entropy; of the averaged probabilities
     under TTA). ``sharded``: the loader covers this rank's shard, so counts are summed over ranks.
+    ``outputs``: if given, receives this process's float32 log-probabilities ``(N, C)`` and
+    labels ``(N,)``, CPU (what `tlkit.calibration` fits on).
 
     Raises:
         ValueError: the data is empty.
     """
-    preds, targets, loss_sum = [], [], 0.0
+    preds, targets, loss_sum, kept = [], [], 0.0, []
     with eval_mode(model):
         for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
             if batch is None:  # every file of the batch failed to load
@@ -81,6 +91,11 @@ def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
             loss_sum += nn.functional.nll_loss(lp, y, reduction="sum").item()
             preds.append(lp.argmax(1).cpu())
             targets.append(y.cpu())
+            if outputs is not None:
+                kept.append(lp.cpu())
+    if outputs is not None:
+        outputs += [torch.cat(kept) if kept else torch.zeros(0, len(classes)),
+                    torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)]
     t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
     p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     m = ClassificationMetrics.from_predictions(t, p, list(classes))
@@ -96,17 +111,26 @@ def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
 
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, classes: Sequence[str], runtime: Runtime,
-             tta: str = "none", top_k: int | None = None) -> list[Prediction]:
-    """One `Prediction` per image of ``x`` float32 ``(B, 3, H, W)``, normalised by the data config."""
+             tta: str = "none", top_k: int | None = None, calibration: dict[str, float] | None = None) -> list[Prediction]:
+    """One `Prediction` per image of ``x`` float32 ``(B, 3, H, W)``, normalised by the data config.
+
+    ``calibration``: ``{"temperature": T, "reject_threshold": t}`` (`tlkit.calibration`): the
+    logits are divided by ``T`` before the softmax, and predictions below ``t`` are not `sure`.
+    """
+    t = (calibration or {}).get("temperature", 1.0)
+    threshold = (calibration or {}).get("reject_threshold")
+    forward = model if t == 1.0 else (lambda z: model(z) / t)
     with eval_mode(model):
-        probs = log_probs(model, x, runtime, tta).exp().cpu()
+        probs = log_probs(forward, x, runtime, tta).exp().cpu()
     out = []
     k_top = len(classes) if top_k is None else min(top_k, len(classes))
     for row in probs:
         k = int(row.argmax())
         values, indices = row.topk(k_top)
         top = [(classes[int(i)], float(v)) for v, i in zip(values, indices)]
-        out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)}, top))
+        sure = threshold is None or float(row[k]) >= threshold
+        out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)}, top,
+                              sure=sure))
     return out
 
 
@@ -166,7 +190,7 @@ def _source(item: Any) -> str | None:
 def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any], torch.Tensor],
                     classes: Sequence[str], runtime: Runtime, batch_size: int, *, tta: str = "none",
                     progress: bool = False, top_k: int | None = None,
-                    on_error: ErrorHandler | None = None) -> list[Prediction]:
+                    on_error: ErrorHandler | None = None, calibration: dict[str, float] | None = None) -> list[Prediction]:
     """Predictions for ``items`` in order, decoding the next batch in a thread while the model runs.
 
     PIL's decoders and resize release the GIL. With ``on_error`` ``None`` an unreadable file
@@ -185,6 +209,6 @@ def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any],
             if k + 1 < len(chunks):
                 pending = pool.submit(_read_chunk, chunks[k + 1], prepare, on_error)
             if x is not None:
-                preds = classify(model, x, classes, runtime, tta, top_k)
+                preds = classify(model, x, classes, runtime, tta, top_k, calibration)
                 out += [replace(p, path=_source(chunks[k][i])) for p, i in zip(preds, kept)]
     return out

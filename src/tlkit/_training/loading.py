@@ -30,6 +30,7 @@ class StoredRun:
     augment: AugmentConfig
     data_config: dict[str, Any]
     epoch: int
+    calibration: dict[str, float] | None = None
 
 
 def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[str, Any],
@@ -56,6 +57,7 @@ def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[s
         augment=header.augment,
         data_config=header.data_config_dict(),
         epoch=header.epoch,
+        calibration=header.calibration.model_dump() if header.calibration is not None else None,
     )
 
 

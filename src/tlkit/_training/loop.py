@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from tlkit._introspect import classifier_param_names
 from tlkit._training import state as run_state
+from tlkit._training.averaging import capture_anchor, shipped_module
 from tlkit._training.inference import evaluate_loader
+from tlkit.calibration import calibration_summary
 from tlkit._training.loaders import eval_loader, prepare_dataset, steps_per_epoch, train_loader
 from tlkit._training.optim import build_criterion, class_weights, join_phase, new_optimizer, set_learning_rates
 from tlkit._training.rng import rng_state, seed_everything
@@ -97,7 +99,7 @@ class FitLoop:
         t.policy.apply(t.model, 0)
         t.optimizer = new_optimizer(t.policy, t.model, cfg, 0, cfg.lr)
         t.step, t.epoch, t.best, t.history, t.should_stop = 0, 0, {"metric": None, "epoch": None}, [], False
-        t.ema = None
+        t.ema, t.wise_anchor, t.wise_twin = None, None, None
         if cfg.ema_decay is not None:
             from timm.utils import ModelEmaV3
 
@@ -123,8 +125,9 @@ class FitLoop:
 
     def _teardown(self) -> None:
         t = self.tuner
-        if t.ema is not None:
-            t.model.load_state_dict(t.ema.module.state_dict())
+        shipped = shipped_module(t)
+        if shipped is not t.model:
+            t.model.load_state_dict(shipped.state_dict())
         if t.history:
             t.epoch = t.history[-1]["epoch"]
         self.callbacks.call("on_fit_end", t)
@@ -135,6 +138,7 @@ class FitLoop:
         """Train epoch ``index`` (0-based), validate, record and write it; returns whether to stop."""
         t = self.tuner
         t.epoch = index  # completed epochs so far
+        capture_anchor(t, index)  # WiSE-FT: the linear probe's weights, at the first unfreeze
         trainable = t.policy.apply(t.model, index)
         joined = None
         if index in t.policy.boundaries():
@@ -204,21 +208,25 @@ class FitLoop:
 
     def _validate(self, record: dict[str, Any], cached: bool) -> None:
         t = self.tuner
-        judged = t.ema.module if t.ema is not None else t.model
+        judged = shipped_module(t)  # the EMA and/or WiSE-FT weights, when those are what ships
         bs, rt = t.eval_batch_size, t.runtime
         if cached and isinstance(self.val, ImageFolderDataset):
             data: Any = TensorDataset(*t.cached_features(self.val, None))
             forward = judged.get_classifier()
         else:
-            data, forward = self.val_ds, (judged if t.ema is not None else t.forward_module())
+            data, forward = self.val_ds, (judged if judged is not t.model else t.forward_module())
         loader, sharded = eval_loader(data, bs, dist=t.dist, num_workers=self.cfg.num_workers, device=rt.device,
                                       worker_init_fn=t.worker_init_fn)
+        outputs: list[torch.Tensor] = []
         m = evaluate_loader(judged, forward, loader, t.classes, rt, sharded=sharded,
-                            progress=self.cfg.bars and t.is_main)
+                            progress=self.cfg.bars and t.is_main, outputs=None if sharded else outputs)
         if not math.isfinite(m.loss):
             raise FloatingPointError(f"validation loss is {m.loss} at epoch {record['epoch']}; {self._kept()}")
         record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
                       per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
+        if outputs:  # temperature, ECE and reject threshold of this epoch's model (tlkit.calibration)
+            record.update(calibration_summary(*outputs))
+            t.calibration = {k: record[k] for k in ("temperature", "reject_threshold")}
         self.callbacks.call("on_validation_end", t, m)
 
     def _is_improvement(self, record: dict[str, Any]) -> bool:

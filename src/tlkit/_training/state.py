@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tlkit._header import unloadable_reason
+from tlkit._training.averaging import shipped_module
 from tlkit._training.runfiles import run_file_writes
 from tlkit._version import __version__
 from tlkit.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, load_training_state,
@@ -71,6 +72,8 @@ def checkpoint_header(tuner: FineTuner, metrics: dict[str, Any] | None = None) -
         "epoch": tuner.epoch,
         "metrics": metrics or {},
     }
+    if getattr(tuner, "calibration", None):  # fitted on this epoch's validation outputs (tlkit.calibration)
+        meta["calibration"] = dict(tuner.calibration)
     problem = unloadable_reason(meta)
     if problem is not None:  # say so when the file is written, not when someone needs to load it
         warnings.warn(f"FineTuner.load will refuse this checkpoint: {problem}", stacklevel=3)
@@ -116,7 +119,7 @@ def _write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
         "scaler": tuner.scaler.state_dict() if tuner.scaler is not None else None,
         "rng": rng[0], "rng_per_rank": rng, "best": tuner.best, "history": json.dumps(tuner.history),
         "weights_digest": weights_fingerprint(tuner.model), "ema": ema, "callbacks": callbacks,
-        "classes": list(tuner.classes),
+        "classes": list(tuner.classes), "wise_anchor": tuner.wise_anchor,
     })
     return {"state": state_path, **write_run_files(tuner, best=improved)}
 
@@ -130,7 +133,7 @@ def write_run_files(tuner: FineTuner, best: bool) -> dict[str, Path]:
     out = tuner.output_dir
     record = tuner.history[-1]
     metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
-    weights = (tuner.ema.module if tuner.ema is not None else tuner.model).state_dict()
+    weights = shipped_module(tuner).state_dict()
     assert_finite(weights, str(out / "last.safetensors"))
     meta = checkpoint_header(tuner, metrics)
     written = {"last": save_checkpoint(out / "last.safetensors", weights, meta)}
@@ -276,6 +279,10 @@ def restore(tuner: FineTuner, state_path: Path, callbacks: Any) -> int:
     next_epoch = int(state["epoch"])
     _restore_optimizer(tuner, state, state_path, next_epoch)
     tuner.step, tuner.best, tuner.history = int(state["step"]), state["best"], json.loads(state["history"])
+    tuner.wise_anchor = state.get("wise_anchor")  # the WiSE-FT anchor, once the run had taken it
+    last = tuner.history[-1] if tuner.history else {}
+    if "temperature" in last:  # the calibration the last epoch's checkpoint carries
+        tuner.calibration = {k: last[k] for k in ("temperature", "reject_threshold")}
     per_rank = state.get("rng_per_rank") or [state["rng"]]
     rank, world = (tuner.dist.rank, tuner.dist.world_size) if tuner.dist else (0, 1)
     set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])

@@ -1,0 +1,62 @@
+"""Weight averaging: WiSE-FT interpolation and uniform soups (issue 25)."""
+
+import pytest
+import timm
+import torch
+
+from conftest import copy_sample, tiny_tuner
+from tlkit.soup import interpolate, uniform_soup
+
+
+def _state(seed):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet").state_dict()
+
+
+def test_a_soup_of_identical_models_is_the_model():
+    s = _state(0)
+    soup = uniform_soup([s, {k: v.clone() for k, v in s.items()}, {k: v.clone() for k, v in s.items()}])
+    assert all(torch.equal(soup[k], s[k]) for k in s)
+
+
+def test_interpolation_ends_are_the_two_models_and_its_middle_is_their_soup():
+    a, b = _state(0), _state(1)
+    assert all(torch.equal(interpolate(a, b, 0.0)[k], a[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.equal(interpolate(a, b, 1.0)[k], b[k]) for k in a)
+    mid, soup = interpolate(a, b, 0.5), uniform_soup([a, b])
+    assert all(torch.allclose(mid[k].float(), soup[k].float()) for k in a)
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate(a, b, 1.5)
+    with pytest.raises(ValueError, match="other tensors"):
+        uniform_soup([a, _state_of("test_efficientnet")])
+
+
+def _state_of(name):
+    return timm.create_model(name).state_dict()
+
+
+def test_wise_ft_ships_the_interpolation_of_the_probe_and_the_fine_tuned_weights(tmp_path):
+    from tlkit import FreezePolicy, ImageFolderDataset, load_checkpoint
+
+    classes = ["cardboard", "glass", "metal"]
+    train = ImageFolderDataset(copy_sample(tmp_path / "train", classes, 4))
+    policy = FreezePolicy.linear_probe().then(1, depth=0)
+    anchors = []
+
+    tuned = tiny_tuner(classes, output_dir=tmp_path / "plain", epochs=3, policy=policy)
+    tuned.fit(train)
+    wise = tiny_tuner(classes, output_dir=tmp_path / "wise", epochs=3, policy=policy, wise_ft=0.5)
+    wise.fit(train)
+    anchors.append(wise.wise_anchor)
+    # The same seed trains the same raw weights; WiSE-FT only changes what is kept.
+    plain_final = tuned.model.state_dict()
+    expected = interpolate(wise.wise_anchor, plain_final, 0.5)
+    kept = wise.model.state_dict()
+    assert all(torch.allclose(kept[k].float(), expected[k].float(), atol=1e-6) for k in kept)
+    written, _ = load_checkpoint(tmp_path / "wise" / "last.safetensors")
+    assert all(torch.allclose(written[k].float(), expected[k].float(), atol=1e-6) for k in written)
+    # The anchor is the linear probe: the backbone as pretrained (here: initialised), the head trained.
+    start = tiny_tuner(classes, policy=policy).model.state_dict()
+    first = next(iter(start))  # the stem's convolution
+    assert torch.equal(wise.wise_anchor[first], start[first])
+    assert not torch.equal(wise.wise_anchor["fc.weight"], start["fc.weight"])
