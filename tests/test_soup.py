@@ -60,3 +60,28 @@ def test_wise_ft_ships_the_interpolation_of_the_probe_and_the_fine_tuned_weights
     first = next(iter(start))  # the stem's convolution
     assert torch.equal(wise.wise_anchor[first], start[first])
     assert not torch.equal(wise.wise_anchor["fc.weight"], start["fc.weight"])
+
+
+def test_cli_soup_averages_checkpoints_and_refuses_other_runs(tmp_path, capsys):
+    from tlkit import FineTuner, load_checkpoint
+    from tlkit.cli import main
+
+    classes = ["cardboard", "glass", "metal"]
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        tuner = tiny_tuner(classes)
+        with torch.no_grad():
+            for p in tuner.model.parameters():
+                p.add_(0.01 * seed)
+        paths.append(tuner.save(tmp_path / f"m{seed}.safetensors"))
+    assert main(["soup", "--checkpoint", str(paths[0]), "--checkpoint", str(paths[1]),
+                 "--output", str(tmp_path / "soup.safetensors")]) == 0
+    soup, _ = load_checkpoint(tmp_path / "soup.safetensors")
+    expected = uniform_soup([load_checkpoint(p)[0] for p in paths])
+    assert all(torch.equal(soup[k], expected[k]) for k in soup)
+    assert FineTuner.load(tmp_path / "soup.safetensors").checkpoint_metadata["metrics"] == {"soup_models": 2}
+    other = tiny_tuner(["a", "b"]).save(tmp_path / "other.safetensors")
+    assert main(["soup", "--checkpoint", str(paths[0]), "--checkpoint", str(other),
+                 "--output", str(tmp_path / "bad.safetensors")]) == 2
+    assert "differ in" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()

@@ -192,6 +192,7 @@ class CheckpointHeader(_Schema):
     metrics: dict[Annotated[str, Field(max_length=MAX_NAME_LENGTH)], JsonValue] = Field(
         default_factory=dict, max_length=MAX_METRICS)
     calibration: CalibrationHeader | None = None
+    thresholds: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(None, max_length=MAX_CLASSES)
 
     @field_validator("train_config", mode="before")
     @classmethod
@@ -216,6 +217,8 @@ class CheckpointHeader(_Schema):
                              f"{len(self.classes)} classes")
         if hidden is not None and hidden > MAX_HIDDEN_DIM:
             raise ValueError(f"header field head.hidden_dim is {hidden}, above the bound {MAX_HIDDEN_DIM}")
+        if self.thresholds is not None and len(self.thresholds) != len(self.classes):
+            raise ValueError(f"header field thresholds has {len(self.thresholds)} values for {len(self.classes)} classes")
         return self
 
     def data_config_dict(self) -> dict[str, Any]:

@@ -176,6 +176,8 @@ class EpochLogger(Callback):
         s = f"epoch {record['epoch']}/{tuner.config.epochs}  train_loss {record['train_loss']:.4f}"
         if "top1" in record:
             s += f"  val_loss {record['val_loss']:.4f}  top1 {record['top1']:.4f}  macro_f1 {record['macro_f1']:.4f}"
+        elif "map" in record:
+            s += f"  val_loss {record['val_loss']:.4f}  mAP {record['map']:.4f}  macro_f1 {record['macro_f1']:.4f}"
         if record["trainable_params"] != self._trainable:
             self._trainable = record["trainable_params"]
             s += f"  trainable {self._trainable:,}"

@@ -86,11 +86,14 @@ def _check_run_paths(config) -> None:
             writable, or ``feature_cache_dir`` is a file.
     """
     data = config.data
-    if data.root is None:
-        raise ValueError("data.root is not set: give the folder that holds one sub-folder per class")
+    if data.root is None and data.labels is None:
+        raise ValueError("data.root is not set: give the folder that holds one sub-folder per class "
+                         "(or data.labels: a CSV of paths and labels)")
     for field, folder in (("data.root", data.root), ("data.val_root", data.val_root)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{field}: dataset folder not found: {folder}")
+    if data.labels is not None and not Path(data.labels).is_file():
+        raise FileNotFoundError(f"data.labels: label table not found: {data.labels}")
     weights = config.backbone.weights
     if config.backbone.pretrained and weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"backbone.weights: no such file: {weights}")
@@ -176,10 +179,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # Progress bars go to stderr, and only to a terminal: stdout stays one JSON object.
     _require_device(args.device)
     if (args.data is None) == (args.split is None):
-        raise ValueError("evaluate: give --data FOLDER or --split val (the run's own validation split), not both")
+        raise ValueError("evaluate: give --data FOLDER or --split val|test (the run's own split), not both")
     tuner = FineTuner.load(args.checkpoint, device=args.device, progress=sys.stderr.isatty())
     if args.split:
-        data = _recorded_split(Path(args.checkpoint), tuner.classes)
+        data = _recorded_split(Path(args.checkpoint), tuner.classes, args.split)
     else:
         data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
     # One line before the work (a log shows what runs), then a bar on a terminal; stdout stays the JSON.
@@ -240,15 +243,16 @@ _INSTEAD = {"--split val": "--data FOLDER", "--format onnx-int8": "--calibration
             "demo examples": "--examples FOLDER"}
 
 
-def _recorded_split(checkpoint: Path, classes: list[str]):
-    """The validation split a run recorded in its ``config.yaml`` (next to the checkpoint, or in the run folder)."""
-    from tlkit import load_datasets
+def _recorded_split(checkpoint: Path, classes: list[str], name: str = "val"):
+    """A split (``val``, or a label table's ``test`` rows) a run recorded in its ``config.yaml``
+    (next to the checkpoint, or in the run folder)."""
+    from tlkit.data import load_split
 
     config_file = _run_config_file(checkpoint)
-    _, val = load_datasets(_recorded_data(checkpoint, "--split val"))
-    if val.classes != classes:
-        raise ValueError(f"--split val: {config_file} names classes {val.classes}, the checkpoint {classes}")
-    return val
+    data = load_split(_recorded_data(checkpoint, "--split val"), name)
+    if data.classes != classes:
+        raise ValueError(f"--split {name}: {config_file} names classes {data.classes}, the checkpoint {classes}")
+    return data
 
 
 def _expand(patterns: list[str]) -> list[Path]:
@@ -298,10 +302,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         report(p.path or "?", f"{p.path}: the model's output is not finite (NaN or inf); no prediction")
         preds.remove(p)
     rows = [{"path": p.path, "label": p.label, "probability": p.probability, "top": p.top,
-             "probabilities": p.probabilities, "sure": p.sure} for p in preds]
+             "probabilities": p.probabilities, "sure": p.sure, "labels": p.labels} for p in preds]
     if args.format == "json":  # exact values: json.dumps escapes every control character
+        keys = ("path", "labels", "probabilities") if tuner.multilabel else \
+            ("path", "label", "probability", "sure", "probabilities")
         for r in rows:
-            print(json.dumps({k: r[k] for k in ("path", "label", "probability", "sure", "probabilities")}))
+            print(json.dumps({k: r[k] for k in keys}))
     elif args.format == "csv":
         _print_csv(rows, tuner.classes)
     elif rows:
@@ -592,6 +598,33 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soup(args: argparse.Namespace) -> int:
+    """Average checkpoints of one architecture and one class list into one (a uniform model soup)."""
+    from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from tlkit.soup import uniform_soup
+
+    if len(args.checkpoint) < 2:
+        raise ValueError("soup: give at least two --checkpoint (runs of the same recipe, other seeds or epochs)")
+    if args.output.exists() and not args.overwrite:
+        raise ValueError(f"--output {args.output}: already exists; pass --overwrite to replace it")
+    states, metas = [], []
+    for path in args.checkpoint:
+        from tlkit import FineTuner
+
+        FineTuner.load(path, device="cpu", progress=False)  # the trust checks of a checkpoint, each file
+        state, meta = load_checkpoint(resolve_checkpoint(path))
+        states.append(state)
+        metas.append(meta)
+    for key in ("backbone", "classes", "data_config", "head"):
+        if any(m[key] != metas[0][key] for m in metas[1:]):
+            raise ValueError(f"soup: the checkpoints differ in {key}; only models of one run recipe average")
+    meta = {**metas[0], "metrics": {"soup_models": len(states)}}
+    meta.pop("calibration", None)  # a soup's confidence is not its ingredients': fit it again on validation photos
+    out = save_checkpoint(args.output, uniform_soup(states), meta)
+    print(json.dumps({"soup": str(out), "models": len(states)}))
+    return 0
+
+
 def _cmd_backbones(args: argparse.Namespace) -> int:
     import timm
 
@@ -689,7 +722,8 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on an image folder; prints one JSON object")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--data", help="folder with one sub-folder per class (names as in the checkpoint)")
-    p.add_argument("--split", choices=["val"], help="evaluate on the run's own validation split (from its config.yaml)")
+    p.add_argument("--split", choices=["val", "test"],
+                   help="evaluate on the run's own validation split, or a label table's test rows (from its config.yaml)")
     p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none", help="test-time augmentation")
     p.add_argument("--report", type=Path, help="also write the per-class report (Markdown) here")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 16 on CPU, 64 on GPU)")
@@ -713,6 +747,13 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
     _add_export_command(sub)
+
+    p = sub.add_parser("soup", help="average checkpoints of one recipe (other seeds or epochs) into one: a model soup")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
+                   help="a .safetensors checkpoint or a run folder; repeat it (at least two)")
+    p.add_argument("--output", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_cmd_soup)
 
     p = sub.add_parser("demo", help="serve a web page that classifies an uploaded photo (needs tlkit[demo])")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")

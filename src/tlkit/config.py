@@ -249,6 +249,9 @@ class HeadConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each Linear.")
     hidden_dim: int | None = Field(None, ge=1, le=MAX_HIDDEN_DIM, description="Width of an optional hidden layer.")
     activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Activation after the hidden layer.")
+    multilabel: bool = Field(
+        False, description="Each image may have several labels: sigmoid outputs and binary cross-entropy, per-label "
+        "thresholds tuned on the validation split (set by tlkit train from a multi-label table).")
     head_layers: Literal["keep", "reset"] = Field(
         "keep",
         description="Pretrained layers of the old head around its final Linear (the BatchNorm of LeViT's "
@@ -323,7 +326,18 @@ class AugmentConfig(StrictModel):
 class DatasetConfig(StrictModel):
     """An image-folder dataset (``root/<class>/<image>``) and its train/val split."""
 
-    root: Path | None = Field(None, description="Folder with one sub-folder per class.")
+    root: Path | None = Field(
+        None, description="Folder with one sub-folder per class; with `labels`, the folder the table's paths start "
+        "from (default: the table's folder).")
+    labels: Path | None = Field(
+        None, description="A label table instead of class folders: a CSV/TSV with a path column and a label column "
+        "(several labels joined by | or ;), or 0/1 columns per label (multi-label), and an optional split column "
+        "(train/val/test); see tlkit.table.")
+    path_column: str | None = Field(None, description="The table's column of image paths (default: found by name).")
+    label_column: str | None = Field(None, description="The table's column of labels (default: found by name).")
+    label_columns: list[str] | None = Field(
+        None, description="The table's 0/1 columns, one per label (multi-label; default: every 0/1 column when "
+        "there is no label column).")
     val_root: Path | None = Field(None, description="Separate validation folder; disables the split.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Stratified validation share.")
     split_seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the split, 0 <= seed < 2**32.")
@@ -344,7 +358,7 @@ class DatasetConfig(StrictModel):
     )
 
     _whole = field_validator("split_seed", "num_folds", "fold", mode="before")(whole_number)
-    _paths = field_validator("root", "val_root")(_no_nul)
+    _paths = field_validator("root", "val_root", "labels")(_no_nul)
 
     def describe_split(self, names_only: bool = False) -> str:
         """The validation split in words, for reports and model cards (``names_only``: folder
@@ -354,6 +368,9 @@ class DatasetConfig(StrictModel):
 
         if self.val_root is not None:
             return f"validation folder {shown(self.val_root)}"
+        if self.labels is not None:
+            return (f"rows of {shown(self.labels)}: its split column where it has one, else a stratified "
+                    f"{self.val_fraction:.0%} held out (split_seed {self.split_seed})")
         if self.num_folds is not None:
             return f"fold {self.fold + 1} of {self.num_folds} stratified folds (split_seed {self.split_seed})"
         return f"stratified {self.val_fraction:.0%} of {shown(self.root)} held out (split_seed {self.split_seed})"
@@ -445,8 +462,9 @@ class TrainConfig(StrictModel):
         None, ge=1, le=MAX_EPOCHS,
         description="Stop after this many epochs without a better best_metric (counted from the last phase boundary).",
     )
-    best_metric: Literal["top1", "macro_f1", "val_loss"] = Field(
-        "top1", description="Which validation metric picks best.safetensors (and early stopping watches).")
+    best_metric: Literal["top1", "macro_f1", "val_loss", "map", "micro_f1"] = Field(
+        "top1", description="Which validation metric picks best.safetensors (and early stopping watches); a "
+        "multi-label run reads 'top1' as 'map' (mean average precision).")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of every RNG, 0 <= seed < 2**32 (numpy's range).")
     device: str = Field("auto", description=f"One of {DEVICE_FORMS}.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -750,7 +768,7 @@ class RunConfig(StrictModel):
 
     # The path fields of a run: relative ones in a file are relative to that file's folder.
     PATH_FIELDS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        ("backbone", "weights"), ("data", "root"), ("data", "val_root"), ("train", "feature_cache_dir"),
+        ("backbone", "weights"), ("data", "root"), ("data", "val_root"), ("data", "labels"), ("train", "feature_cache_dir"),
         ("output_dir",))
 
     def with_paths(self, change: Callable[[Path], Path]) -> RunConfig:

@@ -145,6 +145,8 @@ class FineTuner:
         self.checkpoint_metadata: dict[str, Any] | None = None
         # {"temperature", "reject_threshold"} fitted on the validation split (tlkit.calibration).
         self.calibration: dict[str, float] | None = None
+        # Multi-label: the per-label thresholds tuned on the validation split (0.5 before any).
+        self.thresholds: list[float] | None = None
 
     def _check_head(self, head: HeadConfig) -> HeadConfig:
         if len(self.classes) < 2:
@@ -170,6 +172,11 @@ class FineTuner:
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the head is multi-label (sigmoid outputs, `HeadConfig.multilabel`)."""
+        return self.head.multilabel
 
     @property
     def device(self) -> torch.device:
@@ -347,7 +354,8 @@ class FineTuner:
     # -- evaluation and prediction --------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int | None = None, *, tta: str = "none") -> ClassificationMetrics:
-        """Top-1, per-class recall, macro-F1, confusion matrix and mean loss on ``data``.
+        """Top-1, per-class recall, macro-F1, confusion matrix and mean loss on ``data``; for a
+        multi-label model `tlkit.metrics.MultiLabelMetrics` (mAP, F1 at the model's thresholds).
 
         Args:
             data: an `ImageFolderDataset` with the model's classes (evaluated with the eval
@@ -368,8 +376,12 @@ class FineTuner:
                                       num_workers=self.config.num_workers, device=self.device,
                                       worker_init_fn=self.worker_init_fn)
         with self.runtime.cpu_flags():
-            return evaluate_loader(self.model, self.forward_module(), loader, self.classes, self.runtime,
-                                   sharded=sharded, tta=tta, progress=self.config.bars and self.is_main)
+            m = evaluate_loader(self.model, self.forward_module(), loader, self.classes, self.runtime,
+                                sharded=sharded, tta=tta, progress=self.config.bars and self.is_main,
+                                multilabel=self.multilabel)
+        if self.multilabel and self.thresholds:
+            m.thresholds = list(self.thresholds)  # the decisions at the thresholds the model ships with
+        return m
 
     def prepare_input(self, item: Any, max_pixels: int | None = MAX_PIXELS, max_bytes: int | None = MAX_BYTES) -> torch.Tensor:
         """One model input, float32 ``(3, H, W)``: a file or PIL image through the eval transform, a tensor as is.
@@ -435,7 +447,8 @@ class FineTuner:
             return predict_batches(self.model, items, lambda it: self.prepare_input(it, max_pixels, max_bytes),
                                    self.classes, self.runtime, batch_size or self.eval_batch_size, tta=tta,
                                    progress=self.config.bars and self.is_main, top_k=top_k,
-                                   on_error=error_handler(on_error), calibration=self.calibration)
+                                   on_error=error_handler(on_error), calibration=self.calibration,
+                                   thresholds=(self.thresholds or [0.5] * len(self.classes)) if self.multilabel else None)
 
     # -- persistence ----------------------------------------------------------------------------
     def metadata(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -535,6 +548,7 @@ class FineTuner:
         run_state.load_weights_checked(tuner.model, state, path, skip)
         tuner.epoch = 0 if new_head else run.epoch
         tuner.calibration = None if new_head else run.calibration
+        tuner.thresholds = None if new_head else run.thresholds
         tuner.checkpoint_metadata = meta
         tuner.model.eval()
         return tuner

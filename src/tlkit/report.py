@@ -106,7 +106,10 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path, bounda
     left.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
     if any("val_loss" in r for r in history):
         left.plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val loss")
-        right.plot(epochs, [r.get("top1") for r in history], marker="o", label="val top-1")
+        if any("map" in r for r in history):  # multi-label: mean average precision instead of top-1
+            right.plot(epochs, [r.get("map") for r in history], marker="o", label="val mAP")
+        else:
+            right.plot(epochs, [r.get("top1") for r in history], marker="o", label="val top-1")
         right.plot(epochs, [r.get("macro_f1") for r in history], marker="o", label="val macro-F1")
     for ax in (left, right):
         for b in boundaries or []:
@@ -136,8 +139,21 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def label_report(record: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """A multi-label epoch record as a report: mAP, macro/micro-F1 and per label AP, F1, threshold."""
+    return {"map": record["map"], "macro_f1": record["macro_f1"], "micro_f1": record["micro_f1"],
+            "labels": {c: {"ap": record["per_label_ap"].get(c), "f1": record["per_label_f1"].get(c),
+                           "threshold": t} for c, t in zip(classes, record["thresholds"])}}
+
+
 def class_report_markdown(report: dict[str, Any]) -> str:
-    """`class_report` as a Markdown table."""
+    """`class_report` (or `label_report`) as a Markdown table."""
+    if "labels" in report:
+        lines = [f"mAP {report['map']:.3f}, macro-F1 {report['macro_f1']:.3f}, micro-F1 {report['micro_f1']:.3f} "
+                 "(each label at its threshold, tuned on this validation split).", "",
+                 "| label | AP | F1 | threshold |", "|---|---|---|---|"]
+        lines += [f"| {c} | {_fmt(v['ap'])} | {_fmt(v['f1'])} | {v['threshold']:.3f} |" for c, v in report["labels"].items()]
+        return "\n".join(lines) + "\n"
     lines = [f"Top-1 {report['top1']:.2%}, macro-F1 {report['macro_f1']:.3f} on {report['n']} images.", "",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for c, v in report["classes"].items():
@@ -155,7 +171,8 @@ def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | 
     """
     meta = tuner.metadata()
     data = data or {}
-    weakest = min(((v["recall"], c) for c, v in report["classes"].items() if v["recall"] is not None), default=None)
+    weakest = min(((v["recall"], c) for c, v in report.get("classes", {}).items() if v["recall"] is not None),
+                  default=None)
     best = tuner.best.get("epoch")
     lines = [
         f"# Model card: {meta['backbone']['name']} classifier for {len(tuner.classes)} classes",
@@ -173,7 +190,7 @@ def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | 
         "",
         "## Data",
         f"- Images: {data.get('root', 'not recorded')}; {data.get('train_images', '?')} training and "
-        f"{data.get('val_images', report['n'])} validation images ({data.get('split', 'split not recorded')}).",
+        f"{data.get('val_images', report.get('n', '?'))} validation images ({data.get('split', 'split not recorded')}).",
         "",
         "## Metrics (validation set, the checkpoint in best.safetensors)",
         "",
@@ -220,11 +237,27 @@ def shipped_metrics(tuner: FineTuner) -> tuple[dict[str, Any], ClassificationMet
     loads), else the last validated one. The report, the model card and ``tlkit train``'s
     summary all describe this one.
     """
-    records = [r for r in tuner.history if "confusion_matrix" in r]
+    records = [r for r in tuner.history if "confusion_matrix" in r or "map" in r]
     if not records:
         return None
     record = next((r for r in records if r["epoch"] == tuner.best.get("epoch")), records[-1])
+    if "map" in record:
+        return record, _LabelSummary(record, tuner.classes)
     return record, ClassificationMetrics(tuner.classes, torch.tensor(record["confusion_matrix"]), record.get("val_loss"))
+
+
+class _LabelSummary:
+    """A multi-label epoch record with ``to_dict`` (what `shipped_metrics` returns for it)."""
+
+    def __init__(self, record: dict[str, Any], classes: list[str]) -> None:
+        self.record, self.classes = record, classes
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.record
+        return {"map": r["map"], "macro_f1": r["macro_f1"], "micro_f1": r["micro_f1"],
+                "per_label_ap": r["per_label_ap"], "per_label_f1": r["per_label_f1"],
+                "thresholds": dict(zip(self.classes, r["thresholds"])), "classes": list(self.classes),
+                "loss": r["val_loss"]}
 
 
 def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -247,7 +280,8 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
     shipped = shipped_metrics(tuner)
     if shipped is not None:
         record, metrics = shipped
-        report = {**class_report(metrics), "epoch": record["epoch"], **calibration_report(record)}
+        base = label_report(record, tuner.classes) if "map" in record else class_report(metrics)
+        report = {**base, "epoch": record["epoch"], **calibration_report(record)}
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", (f"# Validation report (epoch {record['epoch']})\n\n"
                                                + class_report_markdown(report)
@@ -255,7 +289,7 @@ def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any]
         atomic_write_bytes(out / "MODEL_CARD.md", model_card(tuner, report, data).encode())
         written.update(report_json=out / "report.json", report_md=out / "report.md", model_card=out / "MODEL_CARD.md")
     try:
-        if shipped is not None:
+        if shipped is not None and isinstance(metrics, ClassificationMetrics):
             written["confusion_matrix"] = plot_confusion_matrix(metrics, out / "confusion_matrix.png")
         if tuner.history:
             written["curves"] = plot_training_curves(tuner.history, out / "curves.png", tuner.policy.boundaries())

@@ -126,6 +126,8 @@ def prepare_run(config: RunConfig, train: Any, val: Any = None, *, resume: bool 
             `check_resume_config` and `check_before_writing`.
     """
     config = resolve_run_config(config)
+    if getattr(train, "multilabel", False) and not config.head.multilabel:  # a multi-label table: sigmoid head
+        config = config.model_copy(update={"head": config.head.model_copy(update={"multilabel": True})})
     config = check_resume_config(config) if resume else config.with_run_dir()
     tuner = FineTuner.from_config(config, train.classes, callbacks)  # under torchrun: joins the process group
     check_before_writing(tuner, train, val)

@@ -22,7 +22,9 @@ def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> Callba
     cfg = tuner.config
     built: list[Callback] = ([ProgressBar()] if cfg.bars else []) + ([EpochLogger()] if cfg.progress else [])
     if cfg.early_stopping_patience is not None:
-        built.append(EarlyStopping(cfg.early_stopping_patience, monitor=cfg.best_metric))
+        from tlkit._training.task import best_key
+
+        built.append(EarlyStopping(cfg.early_stopping_patience, monitor=best_key(cfg, tuner.multilabel)))
     built.append(RunReport())
     loggers: list[Callback] = []
     if getattr(cfg, "loggers", None):

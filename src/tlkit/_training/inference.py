@@ -16,7 +16,7 @@ from tlkit._text import escape_control
 from tlkit._training.runtime import Runtime, eval_mode
 from tlkit.distributed import all_reduce_sum
 from tlkit.images import SkippedImageWarning, expand_image_paths
-from tlkit.metrics import ClassificationMetrics
+from tlkit.metrics import ClassificationMetrics, MultiLabelMetrics
 from tlkit.tta import tta_log_probs
 
 __all__ = ["Prediction", "log_probs", "evaluate_loader", "classify", "error_handler", "predict_batches", "predict_items"]
@@ -36,6 +36,9 @@ class Prediction:
         path: the file the image came from, ``None`` for a PIL image or a tensor.
         sure: ``False`` when ``probability`` is below the reject threshold fitted on the validation
             split (`tlkit.calibration`); then `answer` is ``"not sure"``.
+        labels: a multi-label model's answer: every label at or above its threshold (tuned on the
+            validation split), in class order; ``None`` for single-label.
+            ``probabilities`` are then independent sigmoid outputs (they need not sum to 1).
     """
 
     label: str
@@ -45,6 +48,7 @@ class Prediction:
     top: list[tuple[str, float]] = field(default_factory=list)
     path: str | None = None
     sure: bool = True
+    labels: list[str] | None = None
 
     @property
     def answer(self) -> str:
@@ -69,17 +73,21 @@ def log_probs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], loader: Any,
                     classes: Sequence[str], runtime: Runtime, *, sharded: bool = False, tta: str = "none",
-                    progress: bool = False, outputs: list[torch.Tensor] | None = None) -> ClassificationMetrics:
+                    progress: bool = False, outputs: list[torch.Tensor] | None = None,
+                    multilabel: bool = False) -> ClassificationMetrics | MultiLabelMetrics:
     """Metrics of ``forward`` over ``loader`` with ``model`` in eval mode (restored after, also on errors).
 
     The loss is the mean negative log-likelihood (cross-entropy; of the averaged probabilities
     under TTA). ``sharded``: the loader covers this rank's shard, so counts are summed over ranks.
     ``outputs``: if given, receives this process's float32 log-probabilities ``(N, C)`` and
-    labels ``(N,)``, CPU (what `tlkit.calibration` fits on).
+    labels ``(N,)``, CPU (what `tlkit.calibration` fits on). ``multilabel``: sigmoid outputs and
+    multi-hot targets, scored as `MultiLabelMetrics` at thresholds 0.5 (the loop tunes them).
 
     Raises:
         ValueError: the data is empty.
     """
+    if multilabel:
+        return _evaluate_multilabel(model, forward, loader, classes, runtime, sharded=sharded, progress=progress)
     preds, targets, loss_sum, kept = [], [], 0.0, []
     with eval_mode(model):
         for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
@@ -110,13 +118,47 @@ def evaluate_loader(model: nn.Module, forward: Callable[[torch.Tensor], torch.Te
 
 
 @torch.no_grad()
+def _evaluate_multilabel(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], loader: Any,
+                         classes: Sequence[str], runtime: Runtime, *, sharded: bool,
+                         progress: bool) -> MultiLabelMetrics:
+    """`evaluate_loader` for multi-label data: every probability kept (mAP needs them), BCE as the loss."""
+    probs, targets = [], []
+    with eval_mode(model):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
+            if batch is None:
+                continue
+            x, y = batch
+            with runtime.autocast():
+                logits = forward(runtime.to_device(x)).float()
+            probs.append(logits.sigmoid().cpu())
+            targets.append(y.float().cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0, len(classes))
+    y = torch.cat(targets) if targets else torch.zeros(0, len(classes))
+    if sharded:  # every rank needs every output for average precision
+        from tlkit.distributed import all_gather_object
+
+        gathered = all_gather_object((p, y))
+        p, y = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    if len(y) == 0:
+        raise ValueError("evaluation data is empty")
+    eps = 1e-7
+    loss = float(-(y * (p + eps).log() + (1 - y) * (1 - p + eps).log()).sum(1).mean())
+    return MultiLabelMetrics(list(classes), p, y, [0.5] * len(classes), loss)
+
+
+@torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, classes: Sequence[str], runtime: Runtime,
-             tta: str = "none", top_k: int | None = None, calibration: dict[str, float] | None = None) -> list[Prediction]:
+             tta: str = "none", top_k: int | None = None, calibration: dict[str, float] | None = None,
+             thresholds: list[float] | None = None) -> list[Prediction]:
     """One `Prediction` per image of ``x`` float32 ``(B, 3, H, W)``, normalised by the data config.
 
     ``calibration``: ``{"temperature": T, "reject_threshold": t}`` (`tlkit.calibration`): the
     logits are divided by ``T`` before the softmax, and predictions below ``t`` are not `sure`.
+    ``thresholds``: a multi-label model: sigmoid probabilities, and `Prediction.labels` lists
+    the labels at or above their threshold.
     """
+    if thresholds is not None:
+        return _classify_multilabel(model, x, classes, runtime, tta, top_k, thresholds)
     t = (calibration or {}).get("temperature", 1.0)
     threshold = (calibration or {}).get("reject_threshold")
     forward = model if t == 1.0 else (lambda z: model(z) / t)
@@ -131,6 +173,25 @@ def classify(model: nn.Module, x: torch.Tensor, classes: Sequence[str], runtime:
         sure = threshold is None or float(row[k]) >= threshold
         out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)}, top,
                               sure=sure))
+    return out
+
+
+def _classify_multilabel(model: nn.Module, x: torch.Tensor, classes: Sequence[str], runtime: Runtime, tta: str,
+                         top_k: int | None, thresholds: list[float]) -> list[Prediction]:
+    """`classify` for a multi-label model: independent sigmoid probabilities (TTA averages them)."""
+    from tlkit.tta import tta_views
+
+    with eval_mode(model), runtime.autocast():
+        views = tta_views(runtime.to_device(x), tta) if tta != "none" else [runtime.to_device(x)]
+        probs = torch.stack([model(v).float().sigmoid() for v in views]).mean(0).cpu()
+    out = []
+    k_top = len(classes) if top_k is None else min(top_k, len(classes))
+    for row in probs:
+        k = int(row.argmax())
+        values, indices = row.topk(k_top)
+        above = [c for c, p, t in zip(classes, row.tolist(), thresholds) if p >= t]
+        out.append(Prediction(classes[k], k, float(row[k]), {c: float(v) for c, v in zip(classes, row)},
+                              [(classes[int(i)], float(v)) for v, i in zip(values, indices)], labels=above))
     return out
 
 
@@ -190,7 +251,8 @@ def _source(item: Any) -> str | None:
 def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any], torch.Tensor],
                     classes: Sequence[str], runtime: Runtime, batch_size: int, *, tta: str = "none",
                     progress: bool = False, top_k: int | None = None,
-                    on_error: ErrorHandler | None = None, calibration: dict[str, float] | None = None) -> list[Prediction]:
+                    on_error: ErrorHandler | None = None, calibration: dict[str, float] | None = None,
+                    thresholds: list[float] | None = None) -> list[Prediction]:
     """Predictions for ``items`` in order, decoding the next batch in a thread while the model runs.
 
     PIL's decoders and resize release the GIL. With ``on_error`` ``None`` an unreadable file
@@ -209,6 +271,6 @@ def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any],
             if k + 1 < len(chunks):
                 pending = pool.submit(_read_chunk, chunks[k + 1], prepare, on_error)
             if x is not None:
-                preds = classify(model, x, classes, runtime, tta, top_k, calibration)
+                preds = classify(model, x, classes, runtime, tta, top_k, calibration, thresholds)
                 out += [replace(p, path=_source(chunks[k][i])) for p, i in zip(preds, kept)]
     return out

@@ -31,6 +31,7 @@ class StoredRun:
     data_config: dict[str, Any]
     epoch: int
     calibration: dict[str, float] | None = None
+    thresholds: list[float] | None = None
 
 
 def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[str, Any],
@@ -58,6 +59,7 @@ def read_header(meta: dict[str, Any], path: Path, device: str, overrides: dict[s
         data_config=header.data_config_dict(),
         epoch=header.epoch,
         calibration=header.calibration.model_dump() if header.calibration is not None else None,
+        thresholds=list(header.thresholds) if header.thresholds is not None else None,
     )
 
 

@@ -23,6 +23,8 @@ from tlkit._training import state as run_state
 from tlkit._training.averaging import capture_anchor, shipped_module
 from tlkit._training.inference import evaluate_loader
 from tlkit.calibration import calibration_summary
+from tlkit.metrics import tune_thresholds
+from tlkit._training.task import best_key, check_task
 from tlkit._training.loaders import eval_loader, prepare_dataset, steps_per_epoch, train_loader
 from tlkit._training.optim import build_criterion, class_weights, join_phase, new_optimizer, set_learning_rates
 from tlkit._training.rng import rng_state, seed_everything
@@ -79,7 +81,8 @@ class FitLoop:
         self.total_steps = cfg.epochs * t.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * t.steps_per_epoch)
         weights = class_weights(cfg.class_weights, t.classes, self.train, t.runtime.device)
-        self.criterion, self.mixup = build_criterion(cfg, weights, len(t.classes))
+        check_task(t, self.train)
+        self.criterion, self.mixup = build_criterion(cfg, weights, len(t.classes), multilabel=t.multilabel)
         seed_everything(cfg.seed + (t.dist.rank if t.dist else 0))  # as timm: seed + rank
         t.policy.check_epochs(cfg.epochs)
         for e in [0, *t.policy.boundaries()]:  # fail before any work if a phase is unusable
@@ -219,18 +222,25 @@ class FitLoop:
                                       worker_init_fn=t.worker_init_fn)
         outputs: list[torch.Tensor] = []
         m = evaluate_loader(judged, forward, loader, t.classes, rt, sharded=sharded,
-                            progress=self.cfg.bars and t.is_main, outputs=None if sharded else outputs)
+                            progress=self.cfg.bars and t.is_main, outputs=None if sharded else outputs,
+                            multilabel=t.multilabel)
         if not math.isfinite(m.loss):
             raise FloatingPointError(f"validation loss is {m.loss} at epoch {record['epoch']}; {self._kept()}")
-        record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
-                      per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
-        if outputs:  # temperature, ECE and reject threshold of this epoch's model (tlkit.calibration)
-            record.update(calibration_summary(*outputs))
-            t.calibration = {k: record[k] for k in ("temperature", "reject_threshold")}
+        if t.multilabel:  # thresholds tuned on this epoch's validation outputs, kept with its checkpoint
+            t.thresholds = tune_thresholds(m.probs, m.targets)
+            m.thresholds = t.thresholds
+            record.update(val_loss=m.loss, map=m.map, macro_f1=m.macro_f1, micro_f1=m.micro_f1,
+                          per_label_ap=m.per_label_ap, per_label_f1=m.per_label_f1, thresholds=t.thresholds)
+        else:
+            record.update(val_loss=m.loss, top1=m.top1, macro_f1=m.macro_f1,
+                          per_class_recall=m.per_class_recall, confusion_matrix=m.matrix.tolist())
+            if outputs:  # temperature, ECE and reject threshold of this epoch's model (tlkit.calibration)
+                record.update(calibration_summary(*outputs))
+                t.calibration = {k: record[k] for k in ("temperature", "reject_threshold")}
         self.callbacks.call("on_validation_end", t, m)
 
     def _is_improvement(self, record: dict[str, Any]) -> bool:
-        key = self.cfg.best_metric
+        key = best_key(self.cfg, self.tuner.multilabel)
         value = record.get(key)
         return value is not None and improves(key, value, self.tuner.best["metric"])
 
@@ -240,7 +250,7 @@ class FitLoop:
         t.history.append(record)
         improved = self._is_improvement(record)
         if improved:
-            t.best = {"metric": record[self.cfg.best_metric], "epoch": record["epoch"]}
+            t.best = {"metric": record[best_key(self.cfg, t.multilabel)], "epoch": record["epoch"]}
         t.epoch = record["epoch"]
         self.callbacks.call("on_epoch_end", t, record)
         stop = bool(t.should_stop)

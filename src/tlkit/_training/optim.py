@@ -55,12 +55,27 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, st
         g["lr"] = config.lr * g["lr_scale"] * factor * unfreeze_ramp(step, g.get("joined_step"), span)
 
 
+class _SmoothedBCE(nn.Module):
+    """``BCEWithLogitsLoss(pos_weight)`` with targets ``y * (1 - s) + s / 2``, summed over labels, mean over images."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, smoothing: float) -> None:
+        super().__init__()
+        self.pos_weight, self.smoothing = pos_weight, smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float() * (1 - self.smoothing) + self.smoothing / 2
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.pos_weight,
+                                                              reduction="none")
+        return loss.sum(1).mean()
+
+
 def class_weights(spec: Any, classes: Sequence[str], train: Any, device: torch.device) -> torch.Tensor | None:
     """The cross-entropy class weights ``TrainConfig.class_weights`` asks for, or ``None``.
 
     ``"balanced"``: ``n / (num_classes * n_c)`` over the training labels (scikit-learn's
     ``compute_class_weight("balanced")``, after King & Zeng 2001); a class without training
-    images gets weight 0.
+    images gets weight 0. For multi-label data, BCE's ``pos_weight``: each label's negatives over
+    its positives (1 for a label without positives).
 
     Returns:
         float32 ``(num_classes,)`` on ``device``, or ``None`` for ``"none"``.
@@ -79,17 +94,33 @@ def class_weights(spec: Any, classes: Sequence[str], train: Any, device: torch.d
     targets = getattr(data, "targets", None)
     if targets is None:
         raise ValueError('class_weights="balanced" needs training data with a `targets` list (an ImageFolderDataset)')
+    if getattr(data, "multilabel", False):  # BCE's pos_weight: negatives / positives of each label
+        pos = torch.zeros(n_classes, dtype=torch.float64)
+        for labels in targets:
+            pos[list(labels)] += 1
+        neg = len(targets) - pos
+        return torch.where(pos > 0, neg / pos.clamp_min(1), torch.ones_like(pos)).float().to(device)
     counts = torch.bincount(torch.as_tensor(list(targets)), minlength=n_classes).double()
     weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
     return weights.float().to(device)
 
 
 def build_criterion(config: TrainConfig, weights: torch.Tensor | None, num_classes: int,
-                    mix: bool = True) -> tuple[nn.Module, Any]:
+                    mix: bool = True, multilabel: bool = False) -> tuple[nn.Module, Any]:
     """The training loss and timm's ``Mixup`` (``None`` when mixup and CutMix are off or ``mix=False``).
 
     timm's Mixup smooths the mixed targets itself, so the loss then does not smooth again.
+    Multi-label: binary cross-entropy on the logits, ``weights`` as ``pos_weight`` (see
+    `class_weights`), targets smoothed towards 0.5 by ``label_smoothing``; no mixup.
+
+    Raises:
+        ValueError: mixup or CutMix asked for a multi-label run.
     """
+    if multilabel:
+        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+            raise ValueError("mixup and CutMix mix one label per image; a multi-label run needs mixup_alpha = "
+                             "cutmix_alpha = 0")
+        return _SmoothedBCE(weights, config.label_smoothing), None
     mixup = None
     if mix and (config.mixup_alpha > 0 or config.cutmix_alpha > 0):
         from timm.data import Mixup

@@ -74,6 +74,8 @@ def checkpoint_header(tuner: FineTuner, metrics: dict[str, Any] | None = None) -
     }
     if getattr(tuner, "calibration", None):  # fitted on this epoch's validation outputs (tlkit.calibration)
         meta["calibration"] = dict(tuner.calibration)
+    if getattr(tuner, "thresholds", None):  # multi-label: tuned on this epoch's validation outputs
+        meta["thresholds"] = list(tuner.thresholds)
     problem = unloadable_reason(meta)
     if problem is not None:  # say so when the file is written, not when someone needs to load it
         warnings.warn(f"FineTuner.load will refuse this checkpoint: {problem}", stacklevel=3)
@@ -132,7 +134,9 @@ def write_run_files(tuner: FineTuner, best: bool) -> dict[str, Path]:
     """
     out = tuner.output_dir
     record = tuner.history[-1]
-    metrics = {k: record.get(k) for k in ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")}
+    keys = ("epoch", "map", "macro_f1", "micro_f1", "val_loss", "train_loss") if tuner.multilabel else \
+        ("epoch", "top1", "macro_f1", "val_loss", "train_loss", "per_class_recall")
+    metrics = {k: record.get(k) for k in keys}
     weights = shipped_module(tuner).state_dict()
     assert_finite(weights, str(out / "last.safetensors"))
     meta = checkpoint_header(tuner, metrics)
@@ -283,6 +287,8 @@ def restore(tuner: FineTuner, state_path: Path, callbacks: Any) -> int:
     last = tuner.history[-1] if tuner.history else {}
     if "temperature" in last:  # the calibration the last epoch's checkpoint carries
         tuner.calibration = {k: last[k] for k in ("temperature", "reject_threshold")}
+    if "thresholds" in last:
+        tuner.thresholds = list(last["thresholds"])
     per_rank = state.get("rng_per_rank") or [state["rng"]]
     rank, world = (tuner.dist.rank, tuner.dist.world_size) if tuner.dist else (0, 1)
     set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
