@@ -246,10 +246,12 @@ class RunReport(Callback):
 
     def __init__(self) -> None:
         self.facts: dict[str, Any] = {}
+        self.val: Any = None
 
     def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
         from tlkit._training.loaders import dataset_length
 
+        self.val = val  # the photos the run's top losses come from (fit end)
         self.facts = {"train_images": dataset_length(train)}
         if val is not None:
             self.facts["val_images"] = dataset_length(val)
@@ -271,4 +273,18 @@ class RunReport(Callback):
 
             with run_file_writes(tuner.output_dir):
                 write_run_report(tuner, tuner.output_dir, self.facts)
+                self._top_losses(tuner)
+
+    def _top_losses(self, tuner: FineTuner) -> None:
+        """``top_losses.png``: the validation photos the final model gets most wrong (single-label)."""
+        from tlkit.data import ImageFolderDataset
+
+        if tuner.multilabel or not isinstance(self.val, ImageFolderDataset) or len(self.val) == 0:
+            return
+        from tlkit.interpret import plot_top_losses, top_losses
+
+        try:
+            plot_top_losses(top_losses(tuner, self.val, k=9), tuner.output_dir / "top_losses.png")
+        except ImportError:  # matplotlib missing: the report already said plots are skipped
+            pass
 

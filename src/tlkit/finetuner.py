@@ -79,6 +79,10 @@ class FineTuner:
         head: the head's config; default inferred from the model.
         callbacks: `tlkit.callbacks.Callback` objects run by `fit` after the built-in ones
             (progress bar and epoch lines, early stopping, run report, ``TrainConfig.loggers``).
+        loss: the training loss, ``loss(logits, target) -> scalar`` with logits float32
+            ``(B, num_classes)`` and the dataset's targets (int64 ``(B,)``, or float ``(B, C)``
+            multi-hot or mixed); default cross-entropy with ``label_smoothing`` and class weights
+            (binary cross-entropy for a multi-label head). Validation keeps its own metrics.
 
     Use `from_config` to build everything from a `RunConfig`.
 
@@ -105,8 +109,10 @@ class FineTuner:
                  config: TrainConfig | None = None, data_config: dict[str, Any] | None = None,
                  augment: AugmentConfig | None = None, output_dir: str | Path | None = None,
                  backbone: BackboneConfig | None = None, head: HeadConfig | None = None,
-                 callbacks: Sequence[Callback] | None = None) -> None:
+                 callbacks: Sequence[Callback] | None = None,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.classes = list(classes)
+        self.loss = loss  # a user's training loss; None: the config's (cross-entropy or BCE)
         self.policy = policy or FreezePolicy()
         self.policy.prepare(model)  # LoRA adapters, if the policy has them, before the model moves
         self.config = config or TrainConfig()

@@ -158,6 +158,12 @@ def class_report_markdown(report: dict[str, Any]) -> str:
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for c, v in report["classes"].items():
         lines.append(f"| {c} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | {v['support']} |")
+    from tlkit.interpret import most_confused
+
+    pairs = most_confused(report["confusion_matrix"], list(report["classes"]))[:5]
+    if pairs:
+        lines += ["", "Most confused (true -> predicted): "
+                  + ", ".join(f"{t} -> {p} ({n})" for t, p, n in pairs) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -84,7 +84,7 @@ class RunLockedError(RuntimeError):
 
 
 RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl", "report.json", "report.md",
-             "MODEL_CARD.md", "curves.png", "confusion_matrix.png")
+             "MODEL_CARD.md", "curves.png", "confusion_matrix.png", "top_losses.png")
 """The files a training run writes into its folder (``config.yaml`` aside: the CLI writes it first)."""
 
 

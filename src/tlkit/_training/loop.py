@@ -77,12 +77,15 @@ class FitLoop:
         draft = t.draft_size if t.train_transform is t.eval_transform else None
         self.train_ds = prepare_dataset(self.train, t.classes, t.train_transform, draft)
         self.val_ds = prepare_dataset(self.val, t.classes, t.eval_transform, t.draft_size) if self.val is not None else None
-        t.steps_per_epoch = steps_per_epoch(self.train_ds, cfg.batch_size, t.dist)
+        self.batches_per_epoch = steps_per_epoch(self.train_ds, cfg.batch_size, t.dist)
+        t.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate_steps)  # optimizer steps
         self.total_steps = cfg.epochs * t.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * t.steps_per_epoch)
         weights = class_weights(cfg.class_weights, t.classes, self.train, t.runtime.device)
         check_task(t, self.train)
         self.criterion, self.mixup = build_criterion(cfg, weights, len(t.classes), multilabel=t.multilabel)
+        if t.loss is not None:  # the user's loss; timm's Mixup still mixes the targets it gets
+            self.criterion = t.loss
         seed_everything(cfg.seed + (t.dist.rank if t.dist else 0))  # as timm: seed + rank
         t.policy.check_epochs(cfg.epochs)
         for e in [0, *t.policy.boundaries()]:  # fail before any work if a phase is unusable
@@ -175,16 +178,19 @@ class FitLoop:
         t0 = time.perf_counter()  # includes feature extraction on a cache miss
         forward, loader = self._epoch_source(index, cached)
         total, seen = 0.0, 0
-        for batch in loader:
+        k, batches = cfg.accumulate_steps, self._batches_in(loader)
+        for i, batch in enumerate(loader):
             if batch is None:  # every file of the batch failed to load (bad_images="skip")
                 continue
             x, y = batch
+            start = i - i % k  # micro-batches [start, start + parts) make one optimizer step
+            part = (i - start, min(k, batches - start))
             set_learning_rates(t.optimizer, cfg, t.step, self.total_steps, self.warmup_steps, t.steps_per_epoch)
             try:
-                loss = self.step(forward, x, y, t.step).item()
+                loss = self.step(forward, x, y, t.step, part=part).item()
             except NonFiniteLossError as e:
                 raise FloatingPointError(f"loss is {e.loss} at epoch {index + 1} step {t.step}; {self._kept()}") from e
-            t.step += 1
+            t.step += int(part[0] == part[1] - 1)
             total, seen = total + loss * y.shape[0], seen + y.shape[0]
             self.callbacks.call("on_train_batch_end", t, loss, int(y.shape[0]))
         seconds = time.perf_counter() - t0
@@ -199,6 +205,13 @@ class FitLoop:
             "images_per_s": seen / seconds if seconds > 0 else None,
             "cached_features": cached,
         }
+
+    def _batches_in(self, loader: Any) -> int:
+        """Batches the epoch's loader yields (for the size of its last accumulation)."""
+        try:
+            return len(loader)
+        except TypeError:  # an iterable without a length: every accumulation is full
+            return 1 << 62
 
     def _lr_factor(self, step: int) -> float:
         from tlkit.schedule import cosine_lr_factor

@@ -55,8 +55,8 @@ def _sweep(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, num_ste
     cfg, rt = tuner.config, tuner.runtime
     tuner.policy.apply(tuner.model, epoch)
     opt = new_optimizer(tuner.policy, tuner.model, cfg, epoch, start_lr)
-    criterion, _ = build_criterion(cfg, class_weights(cfg.class_weights, tuner.classes, train, rt.device),
-                                   len(tuner.classes), mix=False)
+    criterion = tuner.loss or build_criterion(cfg, class_weights(cfg.class_weights, tuner.classes, train, rt.device),
+                                              len(tuner.classes), mix=False, multilabel=tuner.multilabel)[0]
     scaler = make_grad_scaler(rt.amp_dtype, rt.device)  # its own: the loop's scaler state is untouched
     step = TrainStep(tuner.model, opt, rt, criterion, scaler=scaler, grad_clip_norm=cfg.grad_clip_norm)
     dataset = prepare_dataset(train, tuner.classes, tuner.train_transform)

@@ -24,7 +24,13 @@ def new_optimizer(policy: FreezePolicy, model: nn.Module, config: TrainConfig, e
     groups = policy.param_groups(model, epoch, lr, config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    from timm.optim import create_optimizer_v2
+
+    # timm's registry over tlkit's groups (their LR scales and weight decay are kept per group).
+    return create_optimizer_v2(groups, opt=config.optimizer, lr=lr, weight_decay=config.weight_decay,
+                               momentum=config.momentum)
 
 
 def join_phase(optimizer: torch.optim.Optimizer, policy: FreezePolicy, model: nn.Module, config: TrainConfig,

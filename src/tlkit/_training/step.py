@@ -55,13 +55,17 @@ class TrainStep:
         self._stats = running_stats(model)
 
     def __call__(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 step: int) -> torch.Tensor:
+                 step: int, *, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Train on ``(x, y)``: images float32 ``(B, 3, H, W)``, labels int64 ``(B,)``.
 
         Args:
             forward: the module to run (the model, its DDP/compiled wrapper, or the classifier
                 alone on cached features).
             step: the optimizer steps taken so far (updates the EMA's warm-up).
+            part: ``(i, k)``: this batch is micro-batch ``i`` of ``k`` whose gradients one
+                optimizer step sums (gradient accumulation): the loss is scaled by ``1 / k``,
+                gradients are cleared before micro-batch 0 and the optimizer steps after
+                micro-batch ``k - 1``.
 
         Returns:
             The loss, a float32 scalar tensor (detached).
@@ -81,9 +85,14 @@ class TrainStep:
             logits = forward(x)
         loss = self.criterion(logits.float(), target)
         self._guard(loss, saved)
-        self._backward_and_step(loss)
-        if self.ema is not None:
-            self.ema.update(self.model, step=step + 1)
+        index, parts = part
+        if index == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._backward(loss / parts if parts > 1 else loss)
+        if index == parts - 1:
+            self._step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=step + 1)
         return loss.detach()
 
     def _guard(self, loss: torch.Tensor, saved: list[torch.Tensor]) -> None:
@@ -96,13 +105,15 @@ class TrainStep:
                     t.copy_(before)
             raise NonFiniteLossError(f"loss is {loss.item()}", loss.item())
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         else:
             loss.backward()
+
+    def _step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if self.grad_clip_norm:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip_norm)
         if self.scaler is not None:
