@@ -70,3 +70,29 @@ def test_a_loss_callable_is_what_trains():
     tuner.fit(_data())
     assert calls == [(8, 3)] * 4
     assert tuner.lr_find(_data(), num_steps=3, start_lr=1e-4, end_lr=1e-2).lrs and len(calls) == 7
+
+
+@pytest.mark.parametrize("kind,mid,end", [("cosine", 0.505, 0.01), ("linear", 0.505, 0.01), ("poly", 0.2575, 0.01),
+                                          ("step", 0.1, 0.01), ("constant", 1.0, 1.0)])
+def test_schedules_start_at_one_after_warmup_and_end_where_documented(kind, mid, end):
+    from tlkit.schedule import lr_factor
+
+    total, warm = 110, 10
+    assert lr_factor(kind, 0, total, warm, 0.01) == pytest.approx(1 / 11)  # warm-up is shared
+    assert lr_factor(kind, warm, total, warm, 0.01) == pytest.approx(1.0)
+    assert lr_factor(kind, warm + 50, total, warm, 0.01) == pytest.approx(mid, abs=1e-3)
+    assert lr_factor(kind, total, total, warm, 0.01) == pytest.approx(end, abs=1e-9)
+
+
+def test_tanh_falls_monotonically_from_one_to_min_ratio():
+    from tlkit.schedule import lr_factor
+
+    values = [lr_factor("tanh", s, 100, 0, 0.0) for s in range(101)]
+    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_the_loop_follows_the_chosen_schedule():
+    tuner = _tuner(batch_size=8, schedule="step", epochs=4, lr=1.0)
+    tuner.fit(_data())
+    assert [round(r["lr"], 6) for r in tuner.history] == [1.0, 1.0, 0.1, 0.01]

@@ -434,6 +434,9 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="Decoupled weight decay; never on biases and norms.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only.")
     warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up length, epochs.")
+    schedule: Literal["cosine", "linear", "poly", "step", "tanh", "constant"] = Field(
+        "cosine", description="LR shape after the warm-up, per optimizer step (timm's --sched names; see "
+        "tlkit.schedule.lr_factor).")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing (Szegedy et al. 2016), in [0, 1).")
     grad_clip_norm: float | None = Field(None, gt=0.0, description="Clip the gradients' global L2 norm to this; None: no clipping.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_lr_factor", "unfreeze_ramp"]
+__all__ = ["SCHEDULES", "cosine_lr_factor", "lr_factor", "unfreeze_ramp"]
 
 
 def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -26,6 +26,40 @@ def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: 
     span = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES = ("cosine", "linear", "poly", "step", "tanh", "constant")
+"""Schedule shapes after warm-up, named as timm's schedulers (``--sched``): ``cosine`` (SGDR),
+``linear`` (to ``min_ratio``), ``poly`` (power 2), ``step`` (x0.1 at 1/2 and 3/4 of the run, timm's
+``multistep``), ``tanh`` (Hsueh et al. 2019) and ``constant``."""
+
+
+def lr_factor(kind: str, step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """The LR factor of schedule ``kind`` (`SCHEDULES`) at ``step``: linear warm-up, then the shape.
+
+    Every shape starts at 1 after warm-up; ``cosine``, ``linear``, ``poly`` and ``tanh`` end at
+    ``min_ratio`` at ``step == total_steps``.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == "cosine":
+        return cosine_lr_factor(step, total_steps, warmup_steps, min_ratio)
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose from {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+    if kind == "constant":
+        return 1.0
+    if kind == "step":
+        return 0.01 if progress >= 0.75 else (0.1 if progress >= 0.5 else 1.0)
+    shape = {"linear": 1.0 - progress, "poly": (1.0 - progress) ** 2,
+             "tanh": 0.5 * (1.0 - math.tanh(-6.0 + 9.0 * progress))}[kind]  # timm's tanh: lb -6, ub 3
+    if kind == "tanh":  # scaled so that it starts at 1 and ends at 0
+        start, end = 0.5 * (1.0 - math.tanh(-6.0)), 0.5 * (1.0 - math.tanh(3.0))
+        shape = (shape - end) / (start - end)
+    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def unfreeze_ramp(step: int, joined_step: int | None, span: int) -> float:

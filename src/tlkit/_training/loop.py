@@ -214,9 +214,9 @@ class FitLoop:
             return 1 << 62
 
     def _lr_factor(self, step: int) -> float:
-        from tlkit.schedule import cosine_lr_factor
+        from tlkit.schedule import lr_factor
 
-        return cosine_lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.min_lr_ratio)
+        return lr_factor(self.cfg.schedule, step, self.total_steps, self.warmup_steps, self.cfg.min_lr_ratio)
 
     def _kept(self) -> str:
         out = self.tuner.output_dir

@@ -10,7 +10,7 @@ from torch import nn
 
 from tlkit.config import TrainConfig
 from tlkit.freeze import FreezePolicy
-from tlkit.schedule import cosine_lr_factor, unfreeze_ramp
+from tlkit.schedule import lr_factor, unfreeze_ramp
 
 __all__ = ["new_optimizer", "join_phase", "set_learning_rates", "class_weights", "build_criterion"]
 
@@ -54,8 +54,8 @@ def join_phase(optimizer: torch.optim.Optimizer, policy: FreezePolicy, model: nn
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, total_steps: int,
                        warmup_steps: int, steps_per_epoch: int) -> None:
-    """Set every group's LR for optimizer step ``step``: peak x layer scale x cosine x unfreeze ramp."""
-    factor = cosine_lr_factor(step, total_steps, warmup_steps, config.min_lr_ratio)
+    """Set every group's LR for optimizer step ``step``: peak x layer scale x schedule x unfreeze ramp."""
+    factor = lr_factor(config.schedule, step, total_steps, warmup_steps, config.min_lr_ratio)
     span = round(config.unfreeze_warmup_epochs * steps_per_epoch)
     for g in optimizer.param_groups:
         g["lr"] = config.lr * g["lr_scale"] * factor * unfreeze_ramp(step, g.get("joined_step"), span)
