@@ -96,3 +96,35 @@ def test_the_loop_follows_the_chosen_schedule():
     tuner = _tuner(batch_size=8, schedule="step", epochs=4, lr=1.0)
     tuner.fit(_data())
     assert [round(r["lr"], 6) for r in tuner.history] == [1.0, 1.0, 0.1, 0.01]
+
+
+def test_a_time_budget_ends_the_run_within_it(monkeypatch):
+    import time as time_module
+
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s later: epochs "take" 10 s
+    monkeypatch.setattr(time_module, "perf_counter", lambda: float(next(clock)))
+    tuner = _tuner(batch_size=8, epochs=20, time_budget=35.0)
+    history = tuner.fit(_data())
+    assert history[-1].get("time_budget_stop") and history[-1]["early_stop"] and len(history) < 20
+
+
+def test_the_auto_recipe_fits_its_schedule_to_the_data():
+    from tlkit import RunConfig, apply_recipe
+    from tlkit.recipes import adapt_to_data
+
+    class Data:
+        def __init__(self, n, classes):
+            self.n, self.classes = n, classes
+
+        def __len__(self):
+            return self.n
+
+    auto = apply_recipe(RunConfig(), "auto")
+    assert auto.train.auto and auto.freeze.phases[0].epoch == 5
+    few = adapt_to_data(auto, Data(60, ["a", "b", "c", "d"]))  # 15 per class: a probe only
+    assert not few.freeze.phases and few.train.epochs == 30 and few.train.feature_cache
+    assert adapt_to_data(auto, Data(1600, ["a"] * 6)).train.epochs == 15
+    assert adapt_to_data(auto, Data(200, ["a"] * 6)).train.epochs == 30
+    assert adapt_to_data(auto, Data(100_000, ["a"] * 6)).train.epochs == 8
+    plain = apply_recipe(RunConfig(), "lp-ft")
+    assert adapt_to_data(plain, Data(60, ["a"] * 4)) == plain

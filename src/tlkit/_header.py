@@ -64,7 +64,7 @@ the caller (or the defaults), never from a checkpoint."""
 STORED_FIELDS: frozenset[str] = frozenset({
     "epochs", "batch_size", "accumulate_steps", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "schedule", "min_lr_ratio",
     "label_smoothing", "grad_clip_norm", "mixup_alpha", "cutmix_alpha", "mixup_prob", "class_weights", "sampler", "ema_decay",
-    "unfreeze_warmup_epochs", "wise_ft", "early_stopping_patience", "best_metric", "seed", "precision", "channels_last",
+    "unfreeze_warmup_epochs", "wise_ft", "time_budget", "auto", "early_stopping_patience", "best_metric", "seed", "precision", "channels_last",
     "jpeg_draft", "flush_denormal", "feature_cache", "feature_views",
 })
 """`TrainConfig` fields taken from a checkpoint: how the weights were trained and how their inputs

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
     from tlkit.metrics import ClassificationMetrics
 
-__all__ = ["HOOKS", "improves", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport"]
+__all__ = ["HOOKS", "improves", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport",
+           "TimeBudget"]
 
 HOOKS = ("on_fit_start", "on_epoch_start", "on_phase_start", "on_train_batch_end", "on_validation_end",
          "on_epoch_end", "on_checkpoint_saved", "on_fit_end")
@@ -239,6 +240,38 @@ class EarlyStopping(Callback):
             tuner.should_stop = True
             if self.verbose and tuner.is_main and tuner.config.progress:
                 tqdm.write(f"early stop: no better {self.monitor} for {self.patience} epoch(s)")
+
+
+class TimeBudget(Callback):
+    """End training before it runs past ``seconds`` of wall time (``TrainConfig.time_budget``).
+
+    After each epoch, if the time so far plus the mean epoch time so far would pass the budget,
+    the epoch is the last: its record gets ``time_budget_stop: True`` and training ends as with
+    early stopping. Time is counted over the whole run (the ``seconds`` of epochs from before a
+    resume included), plus validation and file writing of this process's epochs.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._start = 0.0
+        self._before = 0.0
+
+    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self._before = sum(r.get("seconds", 0.0) for r in tuner.history)  # epochs trained before a resume
+        self._done = len(tuner.history)
+
+    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+        import time
+
+        elapsed = self._before + time.perf_counter() - self._start
+        epochs = max(len(tuner.history), 1)
+        if elapsed + elapsed / epochs > self.seconds and record["epoch"] < tuner.config.epochs:
+            record["time_budget_stop"] = True
+            record["early_stop"] = True
+            tuner.should_stop = True
 
 
 class RunReport(Callback):

@@ -674,7 +674,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 --set data.root=photos")
-    p.add_argument("--recipe", help="apply a named recipe (linear-probe, finetune, finetune-strong, scratch) to the config; --set values win")
+    p.add_argument("--recipe", help="apply a named recipe (auto, linear-probe, finetune, finetune-strong, lp-ft, scratch) to the config; --set values win")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.state.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in output_dir (without it, or --resume, such a folder is refused)")

@@ -471,6 +471,16 @@ class TrainConfig(StrictModel):
         description="Parameters that join at a phase boundary ramp their LR linearly from 0 over this many epochs "
         "(Adam's first steps on newly unfrozen weights are as large as the LR itself).",
     )
+    time_budget: float | None = Field(
+        None, gt=0.0, le=1e7,
+        description="Training time budget, seconds: training stops after the epoch that would otherwise let the "
+        "next one end past it (the mean epoch so far predicts the next), so the run ends within the budget unless "
+        "one epoch is longer than it; None: no budget.",
+    )
+    auto: bool = Field(
+        False, description="Set by the 'auto' recipe: epochs and phases are fitted to the training data when the run "
+        "starts (tlkit.recipes.adapt_to_data); the recorded config holds the result.",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, le=MAX_EPOCHS,
         description="Stop after this many epochs without a better best_metric (counted from the last phase boundary).",

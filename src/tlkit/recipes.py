@@ -7,7 +7,7 @@ from collections.abc import Callable
 from tlkit.config import RunConfig
 from tlkit.freeze import FreezePolicy
 
-__all__ = ["PROBE_VIEW", "PROBE_WORKERS", "RECIPES", "apply_recipe"]
+__all__ = ["FEW_PER_CLASS", "PROBE_VIEW", "PROBE_WORKERS", "RECIPES", "adapt_to_data", "apply_recipe"]
 
 
 PROBE_VIEW = {"input_size": (3, 448, 336), "crop_pct": 1.0, "crop_mode": "squash"}
@@ -104,7 +104,51 @@ def _scratch(cfg: RunConfig) -> RunConfig:
     })
 
 
+def _auto(cfg: RunConfig) -> RunConfig:
+    # The lp-ft schedule, adapted to the data when the run starts (adapt_to_data).
+    out = _lp_ft(cfg)
+    return out.model_copy(update={"train": out.train.model_copy(update={"auto": True})})
+
+
+FEW_PER_CLASS = 20
+"""Below this many training images per class, ``auto`` trains a linear probe only (fine-tuning
+a network on a handful of photos per class overfits; the probe is also the fastest)."""
+
+
+def adapt_to_data(config: RunConfig, train) -> RunConfig:
+    """The ``auto`` recipe's choices for this training data (what `tlkit.run.prepare_run` records).
+
+    Rules (AutoGluon's idea of presets that choose for the user; numbers measured on TrashNet,
+    see docs/recipes.md):
+
+    * fewer than `FEW_PER_CLASS` images per class: a linear probe only (cached features, 30 cheap
+      epochs), no unfreezing;
+    * otherwise LP-FT (`lp-ft`): 5 head-only epochs from cached features, then the last four
+      stages, ``round(15 * sqrt(1600 / N))`` epochs in all, clamped to [8, 30]: as many optimizer
+      steps as TrashNet's 15 epochs of 1,600 photos, discounted for larger sets;
+    * ``train.time_budget`` (if set) then stops the run within its budget.
+
+    Args:
+        config: a config made by the ``auto`` recipe (``train.auto``); others are returned as they are.
+        train: the training data (its length and ``classes``).
+    """
+    import math
+
+    if not config.train.auto:
+        return config
+    n, c = len(train), max(len(getattr(train, "classes", [])), 1)
+    if n / c < FEW_PER_CLASS:
+        probe = _linear_probe(config)
+        return probe.model_copy(update={
+            "backbone": config.backbone,  # the probe's portrait view is TrashNet's, not every dataset's
+            "train": probe.train.model_copy(update={"epochs": 30, "auto": True, "num_workers": config.train.num_workers,
+                                                    "time_budget": config.train.time_budget})})
+    epochs = min(30, max(8, round(15 * math.sqrt(1600 / n))))
+    return config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+
+
 RECIPES: dict[str, Callable[[RunConfig], RunConfig]] = {
+    "auto": _auto,
     "linear-probe": _linear_probe,
     "finetune": _finetune,
     "finetune-strong": _finetune_strong,
@@ -126,6 +170,8 @@ def apply_recipe(config: RunConfig, name: str) -> RunConfig:
         ``finetune-strong``: the ``finetune`` phases, 15 epochs, TrivialAugment + random
         erasing, EMA of the weights (0.998), balanced class weights, weight decay 0.05, a
         one-epoch LR ramp for the stages unfrozen at epoch 2.
+        ``auto``: ``lp-ft`` fitted to the data when the run starts (`adapt_to_data`: a linear
+        probe for few images per class, else epochs by dataset size), within ``train.time_budget``.
         ``lp-ft``: LP-FT (Kumar et al. 2022): 5 head-only epochs from cached features, then
         the last 4 stages at backbone LR x0.3 with layer-wise decay 0.6, 15 epochs, the
         ``finetune-strong`` augmentation and class weights.

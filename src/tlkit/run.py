@@ -30,6 +30,7 @@ from tlkit.config import RunConfig
 from tlkit.data import ImageFolderDataset
 from tlkit.finetuner import FineTuner
 from tlkit.pretrained import describe_source
+from tlkit.recipes import adapt_to_data
 
 __all__ = ["check_before_writing", "check_resume_config", "fit_run", "interrupted", "prepare_run", "record_config"]
 
@@ -125,7 +126,7 @@ def prepare_run(config: RunConfig, train: Any, val: Any = None, *, resume: bool 
         ValueError, FileNotFoundError, HubDownloadError: as `tlkit.resolve_backbone`,
             `check_resume_config` and `check_before_writing`.
     """
-    config = resolve_run_config(config)
+    config = adapt_to_data(resolve_run_config(config), train)  # the auto recipe's choices, recorded
     if getattr(train, "multilabel", False) and not config.head.multilabel:  # a multi-label table: sigmoid head
         config = config.model_copy(update={"head": config.head.model_copy(update={"multilabel": True})})
     config = check_resume_config(config) if resume else config.with_run_dir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tlkit.callbacks import Callback, CallbackList, EarlyStopping, EpochLogger, ProgressBar, RunReport
+from tlkit.callbacks import Callback, CallbackList, EarlyStopping, EpochLogger, ProgressBar, RunReport, TimeBudget
 
 if TYPE_CHECKING:
     from tlkit.finetuner import FineTuner
@@ -25,6 +25,8 @@ def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> Callba
         from tlkit._training.task import best_key
 
         built.append(EarlyStopping(cfg.early_stopping_patience, monitor=best_key(cfg, tuner.multilabel)))
+    if cfg.time_budget is not None:
+        built.append(TimeBudget(cfg.time_budget))
     built.append(RunReport())
     loggers: list[Callback] = []
     if getattr(cfg, "loggers", None):
