@@ -478,3 +478,17 @@ def test_evaluate_says_what_it_reads_and_shows_a_bar_on_a_terminal(tmp_path):
         shown += chunk
     os.close(leader)
     assert proc.returncode == 0 and b"\revaluate:" in shown and b"/9 [" in shown  # tqdm: "evaluate:   0%|  | 0/9 ["
+
+
+def test_env_names_the_cpu_features_and_the_path_chosen(capsys, monkeypatch):
+    """Issue 28: what the CPU can do and what tlkit picks, in one command and in the run's first lines."""
+    import tlkit._cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only EPYC
+    assert main(["env", "--format", "json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["cpu_features"]["avx2"] is True and env["cpu_features"]["bf16"] is False
+    assert env["cpu_features"]["vnni"] is False and env["chosen"]["device"] == "cpu"
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert "avx2 yes" in text and "bf16 no" in text and "chosen: device cpu" in text

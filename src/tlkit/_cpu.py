@@ -10,7 +10,7 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_flags", "cpu_name", "int8_note", "INT8_FLAGS"]
+__all__ = ["FEATURES", "cpu_features", "cpu_flags", "cpu_name", "int8_note", "INT8_FLAGS"]
 
 INT8_FLAGS = {
     # x86: VNNI (AVX512 or AVX) multiplies and adds int8 in one instruction; AMX-INT8 tiles do more.
@@ -60,3 +60,22 @@ def int8_note() -> str | None:
             "float32 speed here (an AVX2-only EPYC measured 254 ms INT8 against 242 ms float32 per image), so the "
             "INT8 file gains size (about 4x smaller), not speed; CPUs with VNNI or AMX (x86) or dot-product "
             "instructions (Arm) run it up to 2x faster")
+
+
+FEATURES = {
+    "avx2": ("avx2",),
+    "avx512": ("avx512f",),
+    "bf16": ("avx512_bf16", "amx_bf16"),
+    "vnni": ("avx512_vnni", "avx_vnni"),
+    "amx": ("amx_tile",),
+    "neon": ("asimd",),
+    "arm_bf16": ("bf16",),
+    "arm_dotprod": ("asimddp",),
+}
+"""Feature name -> the ``/proc/cpuinfo`` flags that give it (any of them)."""
+
+
+def cpu_features() -> dict[str, bool | None]:
+    """Which of `FEATURES` this CPU has; every value ``None`` where the flags cannot be read."""
+    flags = cpu_flags()
+    return {name: (any(f in flags for f in needs) if flags else None) for name, needs in FEATURES.items()}

@@ -625,6 +625,47 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _environment() -> dict:
+    """What this machine offers tlkit and what tlkit chooses on it (``tlkit env``)."""
+    import platform
+
+    import torch
+
+    from tlkit._cpu import cpu_features, cpu_name
+    from tlkit._training.runtime import resolve_device, resolve_precision
+    from tlkit._version import __version__
+
+    device = resolve_device("auto")
+    amp = resolve_precision("auto", device)
+    out = {"tlkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "cpu": cpu_name(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
+           "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+           if torch.cuda.is_available() else [],
+           "chosen": {"device": str(device), "precision": str(amp).removeprefix("torch.") if amp else "fp32",
+                      "channels_last": "on for convolutional models", "threads": torch.get_num_threads()}}
+    import timm
+
+    out["timm"] = timm.__version__
+    return out
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    """Print the environment: versions, the CPU's features, GPUs, and the path tlkit picks here."""
+    env = _environment()
+    if args.format == "json":
+        print(json.dumps(env))
+        return 0
+    feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in env["cpu_features"].items() if v is not None)
+    print(f"tlkit {env['tlkit']} (torch {env['torch']}, timm {env['timm']}, Python {env['python']})")
+    print(f"CPU: {env['cpu']}, {env['cores']} cores; {feats or 'features unknown'}")
+    print(f"GPUs: {', '.join(env['cuda']) or 'none'}")
+    c = env["chosen"]
+    print(f"chosen: device {c['device']}, precision {c['precision']} (autocast; 'auto' picks bf16 only where the "
+          f"CPU or GPU has it), channels_last {c['channels_last']}, {c['threads']} threads")
+    return 0
+
+
 def _cmd_backbones(args: argparse.Namespace) -> int:
     import timm
 
@@ -709,6 +750,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="loader processes that decode the images once for every backbone (default 1; 0: none)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("env", help="versions, the CPU's features (AVX2, AVX512, BF16, VNNI, AMX), GPUs, and the path "
+                                   "tlkit picks on this machine")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_env)
 
     p = sub.add_parser("backbones", help="list timm model names, and where weights are available offline")
     p.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'mobilenet*'")

