@@ -666,6 +666,27 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shards(args: argparse.Namespace) -> int:
+    """Write an image folder or a label table as WebDataset tar shards (`tlkit.shards.write_shards`)."""
+    from tlkit.data import ImageFolderDataset
+    from tlkit.shards import write_shards
+
+    if (args.data is None) == (args.labels is None):
+        raise ValueError("shards: give --data FOLDER (one sub-folder per class) or --labels TABLE, one of them")
+    if args.labels is not None:
+        from tlkit.table import LabelTableDataset
+
+        data = LabelTableDataset(args.labels)
+    else:
+        data = ImageFolderDataset(args.data)
+    report = data.scan()  # a bad file is reported and left out, never written into a shard
+    if report.bad:
+        print(escape_control(report.summary(), keep="\n"), file=sys.stderr)
+    paths = write_shards(data, args.output, samples_per_shard=args.samples_per_shard, seed=args.seed)
+    print(json.dumps({"shards": len(paths), "samples": len(data), "folder": str(args.output)}))
+    return 0
+
+
 def _cmd_backbones(args: argparse.Namespace) -> int:
     import timm
 
@@ -750,6 +771,14 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="loader processes that decode the images once for every backbone (default 1; 0: none)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("shards", help="write an image folder or a label table as WebDataset tar shards")
+    p.add_argument("--data", type=Path, help="folder with one sub-folder per class")
+    p.add_argument("--labels", type=Path, help="a label table (CSV/TSV) instead")
+    p.add_argument("--output", required=True, type=Path, help="an empty folder for the shards and shards.json")
+    p.add_argument("--samples-per-shard", type=_count(1), default=1000, help="samples in each shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle that spreads every class over the shards")
+    p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("env", help="versions, the CPU's features (AVX2, AVX512, BF16, VNNI, AMX), GPUs, and the path "
                                    "tlkit picks on this machine")

@@ -33,6 +33,8 @@ def steps_per_epoch(data: Any, batch_size: int, dist: DistributedContext | None)
     """
     if isinstance(data, DataLoader):
         return len(data)
+    if isinstance(data, torch.utils.data.IterableDataset):  # a ShardDataset counts this process's samples
+        return max(1, math.ceil(len(data) / batch_size))
     n_local = len(data) // dist.world_size if dist is not None else len(data)
     return n_local // batch_size if n_local > batch_size else math.ceil(n_local / batch_size)
 
@@ -94,6 +96,12 @@ def train_loader(dataset: Any, batch_size: int, *, seed: int, epoch: int, dist: 
     """
     if isinstance(dataset, DataLoader):
         return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # shards: the dataset deals and shuffles itself
+        if sampler == "balanced":
+            raise ValueError("sampler='balanced' needs indexable data; shards are streamed (use class_weights)")
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        return _loader(dataset, batch_size, None, None, False, num_workers, device, worker_init_fn)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     if sampler == "balanced":
         sampler = BalancedSampler(sample_labels(dataset), shuffle_seed(seed), epoch, rank, world)
@@ -112,6 +120,8 @@ def eval_loader(dataset: Any, batch_size: int, *, dist: DistributedContext | Non
     """An in-order loader, and whether it covers only this rank's shard (then metrics are summed over ranks)."""
     if isinstance(dataset, DataLoader):
         return dataset, False
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # shards: each rank already reads its own
+        return _loader(dataset, batch_size, None, None, False, num_workers, device, worker_init_fn), dist is not None
     sharded = dist is not None
     if sharded:
         dataset = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
@@ -127,8 +137,9 @@ def prepare_dataset(data: Any, classes: list[str], transform: Any, draft_size: i
         ValueError: the dataset's classes differ from the model's.
     """
     from tlkit.data import ImageFolderDataset
+    from tlkit.shards import ShardDataset
 
-    if isinstance(data, ImageFolderDataset):
+    if isinstance(data, (ImageFolderDataset, ShardDataset)):
         if data.classes != classes:
             raise ValueError(f"dataset classes {data.classes} differ from the model's classes {classes}")
         return data.with_transform(transform, draft_size)
