@@ -238,16 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.models:
         for source in ("synthetic", "jpeg"):
-            plan = [("plain", lambda: row_plain(model, source, args)),
-                    ("plain-fp32", lambda: row_plain(model, source, args, fp32=True)),
-                    ("tlkit", lambda: row_tlkit(model, source, args)),
-                    ("tlkit-compile", lambda: row_tlkit(model, source, args, compile_=True))]
+            plan = [("plain", lambda m=model, s=source: row_plain(m, s, args)),
+                    ("plain-fp32", lambda m=model, s=source: row_plain(m, s, args, fp32=True)),
+                    ("tlkit", lambda m=model, s=source: row_tlkit(m, s, args)),
+                    ("tlkit-compile", lambda m=model, s=source: row_tlkit(m, s, args, compile_=True))]
             if args.smoke:
                 plan = [plan[0], plan[2]]
             if args.timm_repo:
-                plan.append(("timm", lambda: row_timm(model, source, args)))
+                plan.append(("timm", lambda m=model, s=source: row_timm(m, s, args)))
             if torch.cuda.device_count() > 1:
-                plan.append(("tlkit-ddp", lambda: row_ddp(model, source, args)))
+                plan.append(("tlkit-ddp", lambda m=model, s=source: row_ddp(m, s, args)))
             for row, run in plan:
                 result = {"model": model, "source": source, "row": row, **run()}
                 rows.append(result)

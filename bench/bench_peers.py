@@ -213,8 +213,15 @@ def _tlkit_run(split: dict, out: Path, which: str, recipe: str, epochs: int) -> 
 def row_fastai(split: dict, out: Path, epochs: int) -> dict:
     """fastai as its docs teach: vision_learner + fine_tune, aug_transforms, Lite0 weights loaded offline."""
     import torch
-    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Normalize, Resize, aug_transforms,
-                                   vision_learner)
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        Normalize,
+        Resize,
+        aug_transforms,
+        vision_learner,
+    )
     from safetensors.torch import save_file  # noqa: F401  (keeps the bench extra honest)
 
     from tlkit.backbone import create_backbone

@@ -74,7 +74,6 @@ def recorded_run(run: Path, root: Path, classes, val_fraction: float) -> Path:
     """A run folder as `tlkit train` leaves it: a tiny model's ``best.safetensors`` beside the
     ``config.yaml`` that names ``root`` and its split. Returns the checkpoint's path."""
     from tlkit import DatasetConfig, RunConfig
-
     from tlkit._origin import sign_run_config
 
     run.mkdir(parents=True)

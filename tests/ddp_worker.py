@@ -24,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from conftest import copy_sample, tiny_tuner  # noqa: E402
-from tlkit import FreezePolicy, ImageFolderDataset, destroy_distributed  # noqa: E402
+
+from tlkit import FreezePolicy, ImageFolderDataset
+from tlkit.distributed import destroy_distributed  # noqa: E402
 
 CLASSES = ["cardboard", "glass", "metal"]
 

@@ -29,10 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-import tlkit.checkpoint as ck  # noqa: E402
-import tlkit._training.state as run_state  # noqa: E402
 from conftest import tiny_tuner  # noqa: E402
+
+import tlkit._training.state as run_state  # noqa: E402
+import tlkit.checkpoint as ck  # noqa: E402
 from tlkit import FreezePolicy, ImageFolderDataset  # noqa: E402
 from tlkit.callbacks import Callback  # noqa: E402
 

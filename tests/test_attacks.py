@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE, copy_sample, tiny_tuner
 from PIL import Image
 
-from conftest import SAMPLE, copy_sample, tiny_tuner
 from tlkit import BadImageError, FineTuner, ImageFolderDataset, load_image
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -103,7 +103,10 @@ def test_decode_memory_is_bounded_per_pixel_format(tmp_path, mode, side, refused
     # A valid PNG header claiming side x side pixels (the data is never reached when refused).
     depth, colour = {"I;16": (16, 0), "RGBA": (8, 6), "RGB": (8, 2)}[mode]
     ihdr = struct.pack(">IIBBBBB", side, side, depth, colour, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     if refused:
         with pytest.raises(BadImageError, match=r"needs about \d+ MiB to decode, over the limit"):
@@ -118,9 +121,9 @@ def test_decode_memory_is_bounded_per_pixel_format(tmp_path, mode, side, refused
 def strangers_run(tmp_path):
     """A run folder as a stranger would ship it: a real checkpoint, and a config.yaml whose data
     root points at the victim's private folders, with classes named after them."""
-    from tlkit import DatasetConfig, RunConfig
-
     import shutil
+
+    from tlkit import DatasetConfig, RunConfig
 
     private = tmp_path / "home"
     for name, source in zip(("Desktop", "Documents", "Pictures"), CLASSES):
@@ -162,6 +165,7 @@ def test_evaluate_and_calibration_refuse_the_data_root_of_a_downloaded_run(stran
 
 def test_a_run_trained_here_reads_its_recorded_root_and_says_so(tmp_path, capsys):
     from conftest import recorded_run
+
     from tlkit.cli import main
 
     root = copy_sample(tmp_path / "data", CLASSES, 4)
@@ -580,7 +584,6 @@ def test_a_glob_over_a_symlink_loop_ends(tmp_path):
 
 
 def test_ten_thousand_bad_files_give_a_short_report(tmp_path):
-    from tlkit.images import ScanReport
 
     root = copy_sample(tmp_path / "data", CLASSES, 1)
     for i in range(10_000):

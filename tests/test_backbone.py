@@ -1,10 +1,11 @@
 import pytest
 import timm
 import torch
+from conftest import MOBILENET_FILE
 from safetensors.torch import save_file
 
-from conftest import MOBILENET_FILE
-from tlkit import BackboneConfig, create_backbone, load_weights, read_state_dict, resolve_data_config
+from tlkit import BackboneConfig, create_backbone, resolve_data_config
+from tlkit.backbone import load_weights, read_state_dict
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import copy_sample, tiny_tuner
-from tlkit.calibration import (calibration_summary, expected_calibration_error, fit_temperature,
-                               reject_threshold)
+
+from tlkit.calibration import calibration_summary, expected_calibration_error, fit_temperature, reject_threshold
 
 
 def _calibrated_data(n=20_000, classes=5, seed=0):

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import CrashAfter, photo_split, tiny_tuner
+
 from tlkit import FreezePolicy
 from tlkit.callbacks import HOOKS, Callback, CallbackList, EarlyStopping
 

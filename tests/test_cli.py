@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_sample
+
 from tlkit import RunConfig
 from tlkit.cli import main
 
@@ -264,6 +264,31 @@ def _tiny_run_args(root, run, *extra):
     return ["train", *(a for o in base for a in ("--set", o))]
 
 
+def test_overwrite_leaves_no_file_of_the_old_run(tmp_path, capsys):
+    # The old run logged to every built-in logger; the new one to none: after --overwrite, no
+    # file of the old run may be left (same inode and modification time as before).
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from tlkit.runlock import LOCK_NAME
+
+    root = copy_sample(tmp_path / "data", per_class=3)
+    run = tmp_path / "run"
+
+    def files():
+        return {p.relative_to(run): (p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*")
+                if p.is_file() and p.name != LOCK_NAME}
+
+    assert main(_tiny_run_args(root, run, "train.loggers=[csv, tensorboard, mlflow]")) == 0
+    old = files()
+    assert {"metrics.csv", "mlflow.db", "config.yaml", "best.safetensors"} <= {p.name for p in old}
+    assert any(p.parts[0] == "tensorboard" for p in old)
+    assert main([*_tiny_run_args(root, run, "train.seed=1"), "--overwrite"]) == 0
+    new = files()
+    assert [p for p, stamp in old.items() if new.get(p) == stamp] == []
+    assert not (run / "metrics.csv").exists() and not (run / "tensorboard").exists() and not (run / "mlflow.db").exists()
+    assert RunConfig.from_file(run / "config.yaml").train.seed == 1
+
+
 def test_a_finished_run_survives_a_second_train_and_resume_keeps_its_config(tmp_path, capsys):
     root = copy_sample(tmp_path / "data", per_class=3)
     run = tmp_path / "run"
@@ -426,8 +451,8 @@ def test_config_prints_the_resolved_config_and_a_commented_template(tmp_path, ca
             len(line) - len(line.lstrip())
         if not line.lstrip().startswith("#") and not is_section:
             assert lines[i - 1].lstrip().startswith("# "), f"no meaning above {line.strip()!r}"
-    assert "# Which validation metric picks best.safetensors (and early stopping watches). " \
-           "One of: 'top1', 'macro_f1', 'val_loss'." in template
+    assert "# Which validation metric picks best.safetensors (and early stopping watches); " in template
+    assert "One of: 'top1', 'macro_f1', 'val_loss', 'map', 'micro_f1'.\n  best_metric: top1" in template
     assert "Range: >= 1, <= 10000." in template  # train.epochs
 
 

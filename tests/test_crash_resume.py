@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import copy_sample
-from tlkit import load_checkpoint
+
+from tlkit.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 TIMING = {"seconds", "images_per_s"}

@@ -1,9 +1,10 @@
 import pytest
 import torch
+from conftest import SMALL, copy_sample
 from PIL import Image
 
-from conftest import SMALL, copy_sample
-from tlkit import AugmentConfig, ImageFolderDataset, create_transforms, load_image, stratified_split
+from tlkit import AugmentConfig, ImageFolderDataset, load_image, stratified_split
+from tlkit.data import create_transforms
 
 
 def test_classes_sorted_and_labels_by_folder(image_root):

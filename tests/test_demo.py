@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE, tiny_tuner
+
 from tlkit import FineTuner
 from tlkit.cli import main
 
@@ -259,6 +259,7 @@ def test_cli_demo_examples_default_to_one_photo_per_class_of_the_recorded_split(
     import argparse
 
     from conftest import copy_sample, recorded_run
+
     from tlkit import RunConfig, load_datasets
     from tlkit.cli import _demo_examples
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import copy_sample, tiny_tuner
 from ddp_worker import prepare_photos, run_plan
+from safetensors.torch import load_file
+
 from tlkit import ImageFolderDataset
 from tlkit.distributed import DistributedContext, all_reduce_sum, gather_shards, shard_indices
 
@@ -49,8 +49,11 @@ def _assert_same_run(a: Path, b: Path, atol: float = 2e-5) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     photos = prepare_photos(root / "photos")
-    one = lambda name, **kw: {"dir": str(root / name), "batch_size": 2 * B, "epochs": 3, "data": str(photos), **kw}
-    two = lambda name, **kw: {"dir": str(root / name), "batch_size": B, "epochs": 3, "data": str(photos), **kw}
+    def one(name, **kw):
+        return {"dir": str(root / name), "batch_size": 2 * B, "epochs": 3, "data": str(photos), **kw}
+
+    def two(name, **kw):
+        return {"dir": str(root / name), "batch_size": B, "epochs": 3, "data": str(photos), **kw}
 
     # One process: the references, and a run stopped after epoch 1 for the 2-process resume.
     assert run_plan([one("t1", scenario="tensors"), one("c1", scenario="cached"),
@@ -120,9 +123,8 @@ def test_shards_cover_every_item_once_and_reassemble_in_order():
 
 def test_cli_train_under_torchrun_prints_and_writes_once(tmp_path):
     import yaml
-
-    from ddp_worker import CLASSES
     from conftest import copy_sample
+    from ddp_worker import CLASSES
 
     copy_sample(tmp_path / "photos", CLASSES, per_class=6)
     config = {"backbone": {"name": "test_resnet", "pretrained": False, "data_config": {"input_size": [3, 64, 64]}},

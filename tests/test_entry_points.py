@@ -14,8 +14,8 @@ import json
 import pytest
 import timm
 import torch
-
 from conftest import MOBILENET_FILE, REPO, copy_sample
+
 from tlkit import BackboneConfig, FineTuner, HeadReplacer, ImageFolderDataset, RunConfig, TrainConfig, create_backbone
 from tlkit.cli import main
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import copy_sample, tiny_tuner
+
 from tlkit import ImageFolderDataset, load_image
 from tlkit.cli import main
 from tlkit.export import check_onnx, export_onnx, export_torchscript

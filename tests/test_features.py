@@ -2,8 +2,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import copy_sample, tiny_tuner
+
 from tlkit import FreezePolicy, ImageFolderDataset
 
 CLASSES = ["cardboard", "glass", "metal"]

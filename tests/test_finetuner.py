@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import Crash, CrashAfter, copy_sample, tiny_tuner
 from safetensors import safe_open
 
-from conftest import Crash, CrashAfter, copy_sample, tiny_tuner
 from tlkit import CheckpointError, FineTuner, FreezePolicy, ImageFolderDataset
 from tlkit.cli import main as cli_main
 
@@ -297,7 +297,7 @@ def test_load_adapts_the_head_to_other_classes_only_when_asked(tmp_path):
 
 @pytest.mark.parametrize("adapt", [False, True])
 def test_backbone_mismatch_always_names_the_first_mismatching_tensors(tmp_path, adapt):
-    from tlkit import load_checkpoint, save_checkpoint
+    from tlkit.checkpoint import load_checkpoint, save_checkpoint
 
     path = tiny_tuner(CLASSES).save(tmp_path / "m.safetensors")
     state, meta = load_checkpoint(path)
@@ -406,7 +406,7 @@ def test_compile_trains_the_same_model_through_torch_compile(data):
     eager = tiny_tuner(CLASSES, epochs=1)
     compiled = tiny_tuner(CLASSES, epochs=1, compile=True)
     h_eager, h_compiled = eager.fit(train), compiled.fit(train)
-    assert compiled._compiled is not None and eager._compiled is None
+    assert compiled.runtime.compiled is not None and eager.runtime.compiled is None
     assert h_compiled[0]["train_loss"] == pytest.approx(h_eager[0]["train_loss"], rel=1e-4)
     torch.testing.assert_close(compiled.model.fc.weight, eager.model.fc.weight, atol=1e-4, rtol=1e-3)
 
@@ -447,8 +447,16 @@ def test_the_readme_python_route_is_reproducible_as_written(tmp_path):
     did not fix the run. Two runs of the README's route, with the global RNG in different states
     before each, give bit-identical weights and history."""
     from conftest import MOBILENET_FILE, copy_sample
-    from tlkit import (BackboneConfig, FreezePolicy, HeadReplacer, ImageFolderDataset, TrainConfig, create_backbone,
-                       stratified_split)
+
+    from tlkit import (
+        BackboneConfig,
+        FreezePolicy,
+        HeadReplacer,
+        ImageFolderDataset,
+        TrainConfig,
+        create_backbone,
+        stratified_split,
+    )
 
     data = ImageFolderDataset(copy_sample(tmp_path / "data", CLASSES, per_class=5))
     runs = []

@@ -3,8 +3,9 @@ import timm
 import torch
 from torch import nn
 
-from tlkit import FreezePolicy, HeadReplacer, Phase, cosine_lr_factor, parameter_groups
-from tlkit.freeze import batchnorm_modules
+from tlkit import FreezePolicy, HeadReplacer
+from tlkit.freeze import Phase, batchnorm_modules, parameter_groups
+from tlkit.schedule import cosine_lr_factor
 
 
 def resnet():

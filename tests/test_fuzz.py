@@ -7,12 +7,12 @@ import zlib
 
 import pytest
 import yaml
+from conftest import SAMPLE
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydantic import ValidationError
 
-from conftest import SAMPLE
 from tlkit import (
     AugmentConfig,
     BackboneConfig,
@@ -22,9 +22,9 @@ from tlkit import (
     HeadConfig,
     RunConfig,
     TrainConfig,
-    find_bad_images,
     load_image,
 )
+from tlkit.images import find_bad_images
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SUFFIXES = [".jpg", ".png", ".gif", ".bmp", ".tif", ".webp", ".JPG"]

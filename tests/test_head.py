@@ -3,9 +3,9 @@ import timm
 import torch
 from torch import nn
 
-from tlkit import FineTuner, FreezePolicy, HeadReplacer, TaskHead
+from tlkit import FineTuner, FreezePolicy, HeadReplacer
 from tlkit.freeze import parameter_groups
-from tlkit.head import check_head_width, classifier_param_names, head_width
+from tlkit.head import TaskHead, check_head_width, classifier_param_names, head_width
 
 # (model, classifier module names, pre-logit width) - widths from the architectures' definitions.
 FAMILIES = [
@@ -213,3 +213,24 @@ def test_loaded_model_keeps_data_config_when_wrapped_again():
               "crop_pct": 1.0, "crop_mode": "squash"}
     FineTuner(model, ["a", "b"], data_config=custom)
     assert FineTuner(model, ["a", "b"]).data_config == custom
+
+
+@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_distilled_patch16_224", "crossvit_tiny_240", "levit_128s"])
+def test_finding_the_head_on_the_meta_twin_leaves_the_model_as_it_was(name):
+    # reset_classifier runs on a structural twin (modules copied, tensors on meta): the model's
+    # modules, tensors and values must be untouched, tied tensors stay tied in the twin.
+    from tlkit.head import _meta_twin, _reset_targets
+
+    model = timm.create_model(name, pretrained=False)
+    before_modules = {n: type(m) for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {k: id(v) for k, v in model.named_parameters()}
+    targets = _reset_targets(model, 7)
+    assert targets and all(width > 0 for _, width in targets)
+    assert {n: type(m) for n, m in model.named_modules()} == before_modules
+    assert {k: id(v) for k, v in model.named_parameters()} == ids
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lin = nn.Linear(3, 3)
+    tied = nn.Sequential(lin, nn.Sequential(lin))
+    twin = _meta_twin(tied)
+    assert twin[0].weight.is_meta and twin[0].weight is twin[1][0].weight and twin[0] is twin[1][0]

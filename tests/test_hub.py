@@ -5,8 +5,8 @@ import json
 import pytest
 import timm
 import torch
-
 from conftest import tiny_tuner
+
 from tlkit import FineTuner, HeadReplacer, TrainConfig
 from tlkit.hub import load_pretrained, save_pretrained
 
@@ -93,6 +93,7 @@ def test_the_folder_is_readable_tagged_as_fine_tuned_and_carries_a_model_card(tm
     import stat
 
     from conftest import MOBILENET_FILE
+
     from tlkit import BackboneConfig, create_backbone
 
     model = HeadReplacer(len(CLASSES)).apply(create_backbone(BackboneConfig(name="mobilenetv2_100",

@@ -9,17 +9,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE, tiny_tuner
 from PIL import Image, ImageFile
 
-from conftest import SAMPLE, tiny_tuner
-from tlkit import (
-    BadImageError,
-    ImageFolderDataset,
-    SkippedImageWarning,
-    load_image,
-    skip_none_collate,
-    to_rgb,
-)
+from tlkit import BadImageError, ImageFolderDataset, load_image
+from tlkit.data import skip_none_collate
+from tlkit.images import SkippedImageWarning, to_rgb
 
 JPEG = sorted((SAMPLE / "glass").iterdir())[0]  # a real photo shipped with the example
 PIL_DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
@@ -258,7 +253,7 @@ def test_predict_bounds_pixels_and_bytes_of_untrusted_files(tmp_path):
 
 
 def test_draft_decodes_large_jpegs_at_reduced_scale_with_nearly_the_same_eval_input(tmp_path):
-    from tlkit import create_transforms
+    from tlkit.data import create_transforms
 
     photo = Image.open(sorted((SAMPLE / "glass").iterdir())[0]).convert("RGB")
     assert photo.size == (256, 341)

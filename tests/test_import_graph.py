@@ -63,6 +63,38 @@ def test_the_core_imports_neither_the_facade_nor_the_package_root():
         assert "tlkit" not in deps, f"{module} imports the package root"
 
 
+def _all_imports(path: Path) -> set[str]:
+    """tlkit modules imported anywhere in the file, ``if TYPE_CHECKING:`` blocks included."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlkit":
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "tlkit"}
+    return out
+
+
+def test_no_module_but_the_facade_and_the_root_names_the_facade_module():
+    # Not even for type checkers: the core and callbacks type against tlkit._protocols.Run.
+    for path in SRC.rglob("*.py"):
+        if _module(path) in {"tlkit.finetuner", "tlkit"}:
+            continue
+        text = path.read_text()
+        assert "tlkit.finetuner" not in text, f"{path.name} names tlkit.finetuner"
+        assert "tlkit.finetuner" not in _all_imports(path), path.name
+
+
+def test_public_modules_never_import_the_training_core():
+    # Public modules (no leading underscore) reach the loop only through the façade; the pieces
+    # they share with it (run files, signals, runtime, loaders, RNG) are private top-level modules.
+    for path in SRC.glob("*.py"):
+        module = _module(path)
+        if module in {"tlkit.finetuner", "tlkit"} or path.name.startswith("_"):
+            continue
+        bad = sorted(d for d in _all_imports(path) if d == "tlkit._training" or d.startswith("tlkit._training."))
+        assert not bad, f"{module} imports {bad}"
+
+
 def test_leaf_modules_import_alone():
     leaves = ["tlkit._introspect", "tlkit.schedule", "tlkit.config", "tlkit.callbacks", "tlkit._training.loop"]
     # Each in a fresh interpreter (an order-dependent import would fail there), all at once.

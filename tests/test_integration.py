@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import MOBILENET_FILE, SAMPLE
+
 from tlkit import (
     BackboneConfig,
     DataConfigOverrides,

@@ -2,10 +2,9 @@
 
 import math
 
-import torch
+from conftest import copy_sample, tiny_tuner
 from PIL import Image
 
-from conftest import copy_sample, tiny_tuner
 from tlkit import ImageFolderDataset
 from tlkit.interpret import most_confused, plot_top_losses, top_losses
 

@@ -5,8 +5,8 @@ import shutil
 import sys
 
 import pytest
-
 from conftest import copy_sample, tiny_tuner
+
 from tlkit import ImageFolderDataset
 from tlkit.callbacks import Callback
 from tlkit.loggers import CSVLogger, MLflowLogger, TensorBoardLogger, logger_callbacks, record_scalars

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 pytest.importorskip("peft")
 import timm  # noqa: E402
-
 from conftest import SMALL, Crash, CrashAfter, copy_sample  # noqa: E402
+
 from tlkit import BackboneConfig, FineTuner, FreezePolicy, HeadReplacer, ImageFolderDataset, TrainConfig  # noqa: E402
 from tlkit.lora import LoraSettings, has_lora, lora_param_names, merged_copy  # noqa: E402
 

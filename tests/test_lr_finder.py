@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tlkit import LRFinderResult
-from tlkit.lr_finder import valley
+from tlkit.lr_finder import LRFinderResult, valley
 
 
 def sweep(curve, n=100, start=1e-7, end=10.0, noise=0.0, seed=0):

@@ -1,7 +1,7 @@
 import torch
-
 from conftest import tiny_tuner
-from tlkit._training.runtime import denormals_flushed
+
+from tlkit._runtime import denormals_flushed
 
 CLASSES = ["a", "b", "c"]
 

@@ -5,9 +5,11 @@ from collections import Counter
 
 import pytest
 import yaml
-
 from conftest import copy_sample
-from tlkit import ImageFolderDataset, RunConfig, cross_validate, load_datasets, repeat_seeds, stratified_kfold
+
+from tlkit import ImageFolderDataset, RunConfig, load_datasets
+from tlkit.data import stratified_kfold
+from tlkit.protocol import cross_validate, repeat_seeds
 
 CLASSES = ["cardboard", "glass", "metal"]
 

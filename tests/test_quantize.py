@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import copy_sample, recorded_run, tiny_tuner
+
 from tlkit import HeadReplacer, ImageFolderDataset, load_image
 from tlkit.cli import main
 
@@ -20,7 +20,7 @@ SIZE = (3, 96, 96)
 
 
 def _photos(tmp_path, per_class=6, size=SIZE):
-    from tlkit import create_transforms
+    from tlkit.data import create_transforms
 
     _, transform = create_transforms({"input_size": size, "interpolation": "bilinear", "crop_pct": 1.0,
                                       "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_mode": "center"})

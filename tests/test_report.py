@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import copy_sample, tiny_tuner
 from PIL import Image
 
-from conftest import copy_sample, tiny_tuner
 from tlkit import ClassificationMetrics, ImageFolderDataset
 from tlkit.report import class_report, plot_confusion_matrix
 

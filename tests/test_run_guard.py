@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import copy_sample, tiny_tuner
-from tlkit import ImageFolderDataset, load_checkpoint
+
+from tlkit import ImageFolderDataset
+from tlkit.checkpoint import load_checkpoint
 from tlkit.runlock import OutputDirError, RunLockedError
 
 CLASSES = ["cardboard", "glass", "metal"]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tlkit._training.runfiles import RunFileError, run_file_error, run_file_writes
+from tlkit._runfiles import RunFileError, run_file_error, run_file_writes
 from tlkit.checkpoint import atomic_write_bytes, load_training_state, save_checkpoint, save_training_state
 
 

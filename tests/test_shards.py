@@ -9,8 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_sample, tiny_tuner
+
 from tlkit import ImageFolderDataset
 from tlkit.shards import ShardDataset, write_shards
 

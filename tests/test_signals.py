@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tlkit._training import signals
-from tlkit._training.signals import TrainingInterrupted, exit_status, interrupt_on_signals
+from tlkit import _signals as signals
+from tlkit._signals import TrainingInterrupted, exit_status, interrupt_on_signals
 
 # Loaded by path: importing the tlkit package would import torch and timm in the child.
 CHILD = f"""

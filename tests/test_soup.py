@@ -3,8 +3,8 @@
 import pytest
 import timm
 import torch
-
 from conftest import copy_sample, tiny_tuner
+
 from tlkit.soup import interpolate, uniform_soup
 
 
@@ -36,7 +36,8 @@ def _state_of(name):
 
 
 def test_wise_ft_ships_the_interpolation_of_the_probe_and_the_fine_tuned_weights(tmp_path):
-    from tlkit import FreezePolicy, ImageFolderDataset, load_checkpoint
+    from tlkit import FreezePolicy, ImageFolderDataset
+    from tlkit.checkpoint import load_checkpoint
 
     classes = ["cardboard", "glass", "metal"]
     train = ImageFolderDataset(copy_sample(tmp_path / "train", classes, 4))
@@ -63,7 +64,8 @@ def test_wise_ft_ships_the_interpolation_of_the_probe_and_the_fine_tuned_weights
 
 
 def test_cli_soup_averages_checkpoints_and_refuses_other_runs(tmp_path, capsys):
-    from tlkit import FineTuner, load_checkpoint
+    from tlkit import FineTuner
+    from tlkit.checkpoint import load_checkpoint
     from tlkit.cli import main
 
     classes = ["cardboard", "glass", "metal"]

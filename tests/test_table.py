@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SAMPLE
+
 from tlkit import DatasetConfig
-from tlkit.data import load_datasets, load_split
+from tlkit.datasets import load_datasets, load_split
 from tlkit.table import LabelTableDataset, read_label_table
 
 CLASSES = ["cardboard", "glass", "metal"]

@@ -6,23 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, copy_sample, tiny_tuner
 from pydantic import ValidationError
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import SMALL, copy_sample, tiny_tuner
+from tlkit import AugmentConfig, FineTuner, FreezePolicy, ImageFolderDataset, RunConfig, TrainConfig, apply_recipe
 from tlkit.callbacks import Callback
-from tlkit import (
-    AugmentConfig,
-    FineTuner,
-    FreezePolicy,
-    ImageFolderDataset,
-    RunConfig,
-    TrainConfig,
-    apply_recipe,
-    create_transforms,
-    tta_views,
-)
+from tlkit.data import create_transforms
+from tlkit.tta import tta_views
 
 CLASSES = ["cardboard", "glass", "metal"]
 
@@ -41,8 +33,8 @@ def deterministic(tuner: FineTuner) -> FineTuner:
 # -- augmentation -------------------------------------------------------------------------------
 def test_auto_augment_policies_come_from_torchvision_and_timm():
     from timm.data.auto_augment import RandAugment
-    from torchvision.transforms import ColorJitter, TrivialAugmentWide
     from timm.data.random_erasing import RandomErasing
+    from torchvision.transforms import ColorJitter, TrivialAugmentWide
 
     def kinds(augment):
         return [type(t) for t in create_transforms(SMALL, augment)[0].transforms]
@@ -59,7 +51,7 @@ def test_auto_augment_policies_come_from_torchvision_and_timm():
 
 # -- mixup --------------------------------------------------------------------------------------
 def test_mixup_trains_on_convex_mixes_of_each_batch_with_its_reverse(data):
-    from tlkit import skip_none_collate
+    from tlkit.data import skip_none_collate
 
     train, _ = data
     tuner = deterministic(tiny_tuner(CLASSES, epochs=1, batch_size=12, mixup_alpha=1.0))
@@ -242,7 +234,7 @@ def test_lr_finder_sweeps_exponentially_and_restores_the_model(data, tmp_path):
 
 
 def test_steepest_suggestion_is_where_the_loss_falls_fastest():
-    from tlkit import LRFinderResult
+    from tlkit.lr_finder import LRFinderResult
 
     lrs = [10.0 ** (k / 2) for k in range(-10, 1)]
     losses = [2.0, 2.0, 1.99, 1.9, 1.5, 1.0, 0.9, 0.85, 0.84, 3.0, 9.0]
@@ -284,7 +276,7 @@ def test_with_overrides_parses_yaml_values_and_names_bad_keys():
 def test_unfreeze_warmup_ramps_the_lr_of_groups_that_join(data):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from tlkit import cosine_lr_factor
+    from tlkit.schedule import cosine_lr_factor
 
     train, _ = data
     seen = []

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import photo_split, tiny_tuner
 from safetensors import safe_open
 
-from conftest import photo_split, tiny_tuner
 from tlkit import FineTuner, RunConfig
-from tlkit._training.runtime import Runtime
-from tlkit.callbacks import Callback
+from tlkit._runtime import Runtime
 from tlkit._training.state import assert_finite
 from tlkit._training.step import NonFiniteLossError, TrainStep
+from tlkit.callbacks import Callback
 from tlkit.checkpoint import load_training_state
 
 CLASSES = ["cardboard", "glass", "metal"]
@@ -143,7 +143,7 @@ def test_no_file_with_non_finite_tensors_is_written():
 def test_balanced_sampler_draws_classes_equally_and_keeps_the_step_count():
     from collections import Counter
 
-    from tlkit._training.loaders import BalancedSampler, steps_per_epoch, train_loader
+    from tlkit._loaders import BalancedSampler, steps_per_epoch, train_loader
 
     labels = [0] * 90 + [1] * 10
     draw = list(BalancedSampler(labels, seed=3, epoch=0))

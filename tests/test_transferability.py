@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import copy_sample
+
 from tlkit import BackboneConfig, ImageFolderDataset
 from tlkit.transferability import logme, probe_accuracy, rank_backbones
 
@@ -80,7 +80,7 @@ def test_cli_rank_prints_one_json_line_per_backbone_best_first(tmp_path, capsys)
 
 def test_rank_reads_each_photo_once_and_gives_each_backbone_its_own_eval_view(tmp_path, monkeypatch):
     import tlkit.data
-    from tlkit._training.runtime import Runtime
+    from tlkit._runtime import Runtime
     from tlkit.backbone import create_backbone, resolve_data_config
     from tlkit.data import create_transforms, eval_resize_size
     from tlkit.transferability import _features, _prepare

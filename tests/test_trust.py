@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE, tiny_tuner
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import tlkit
-from conftest import SAMPLE, tiny_tuner
-from tlkit import CheckpointError, FineTuner, load_checkpoint, save_checkpoint
-from tlkit.checkpoint import FORMAT_V1, tensors_sha256
+from tlkit import CheckpointError, FineTuner
+from tlkit.checkpoint import FORMAT_V1, load_checkpoint, save_checkpoint, tensors_sha256
 
 CLASSES = ["cardboard", "glass", "metal"]
 HERE = Path(__file__).resolve().parent
@@ -133,12 +133,12 @@ def test_a_header_that_is_not_an_object_is_refused(original, tmp_path):
 def test_allowed_kwargs_that_do_not_fit_the_weights_never_build_the_real_model(original, tmp_path, monkeypatch):
     # Schema-valid values the weights were not trained with: the model built on the meta device
     # differs from the file's tensors, so the real (memory-backed) model is never built.
-    import tlkit.finetuner
+    import tlkit._training.loading
 
     def real_build(*args, **kwargs):
         raise AssertionError("the real model was built before the header was checked against the weights")
 
-    monkeypatch.setattr(tlkit.finetuner, "create_backbone", real_build)
+    monkeypatch.setattr(tlkit._training.loading, "create_backbone", real_build)
     cases = {"pool": kwargs(global_pool="catavgmax"), "hidden": lambda m: m["head"].update(hidden_dim=65536)}
     for name, edit in cases.items():
         path = run_folder(original, tmp_path / name, edit)
@@ -396,3 +396,20 @@ def test_cli_predict_on_a_bad_run_exits_non_zero_with_one_line_naming_the_file(a
     assert r["exit"] == 2 and len(lines) == 1, r["stderr"]
     assert lines[0].startswith(f"tlkit predict: error: {run / 'best.safetensors'}: header field "
                                "backbone.model_kwargs.checkpoint_path is not allowed")
+
+
+def test_skipping_meta_values_changes_no_shape_and_leaves_real_tensors_alone():
+    import timm
+
+    from tlkit._meta_check import MetaValuesSkipped
+
+    for name in ["resnet18", "vit_tiny_patch16_224", "efficientnet_b0"]:
+        with torch.device("meta"):
+            plain = timm.create_model(name, pretrained=False)
+            with MetaValuesSkipped():
+                fast = timm.create_model(name, pretrained=False)
+        assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in fast.named_parameters()]
+        assert [(n, b.shape) for n, b in plain.named_buffers()] == [(n, b.shape) for n, b in fast.named_buffers()]
+    with MetaValuesSkipped():
+        real = torch.full((3,), 5.0).clamp_(max=1.0)
+    assert real.tolist() == [1.0, 1.0, 1.0]

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import build_config, build_parser  # noqa: E402
 
-from tlkit import cross_validate, repeat_seeds  # noqa: E402
+from tlkit.protocol import cross_validate, repeat_seeds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,9 +36,9 @@ from tlkit import (
     ImageFolderDataset,
     RunConfig,
     apply_recipe,
-    destroy_distributed,
     load_datasets,
 )
+from tlkit.distributed import destroy_distributed
 from tlkit.recipes import RECIPES
 from tlkit.run import fit_run, interrupted, prepare_run
 

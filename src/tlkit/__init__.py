@@ -3,14 +3,85 @@
     from tlkit import FreezePolicy, HeadReplacer, FineTuner
 """
 
-from tlkit._version import __version__
-
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
-    from tlkit.backbone import create_backbone, load_weights, read_state_dict, resolve_backbone, resolve_data_config
-    from tlkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tlkit._version import __version__
+
+# One table: public name -> (module, kept at the root). The 24 kept names are `__all__`; the
+# others still resolve from the root, with a DeprecationWarning naming their module (they leave
+# the root in tlkit 0.3).
+_EXPORTS: dict[str, tuple[str, bool]] = {
+    "FineTuner": ("tlkit.finetuner", True),
+    "FreezePolicy": ("tlkit.freeze", True),
+    "HeadReplacer": ("tlkit.head", True),
+    "Callback": ("tlkit.callbacks", True),
+    "Prediction": ("tlkit.finetuner", True),
+    "RunConfig": ("tlkit.config", True),
+    "TrainConfig": ("tlkit.config", True),
+    "BackboneConfig": ("tlkit.config", True),
+    "HeadConfig": ("tlkit.config", True),
+    "DatasetConfig": ("tlkit.config", True),
+    "AugmentConfig": ("tlkit.config", True),
+    "DataConfigOverrides": ("tlkit.config", True),
+    "ImageFolderDataset": ("tlkit.data", True),
+    "LabelTableDataset": ("tlkit.table", True),
+    "load_datasets": ("tlkit.datasets", True),
+    "stratified_split": ("tlkit.data", True),
+    "create_backbone": ("tlkit.backbone", True),
+    "resolve_backbone": ("tlkit.backbone", True),
+    "resolve_data_config": ("tlkit.backbone", True),
+    "apply_recipe": ("tlkit.recipes", True),
+    "ClassificationMetrics": ("tlkit.metrics", True),
+    "BadImageError": ("tlkit.images", True),
+    "CheckpointError": ("tlkit.checkpoint", True),
+    "load_image": ("tlkit.images", True),
+    # Reachable from the root for one more release; import them from their module.
+    "BadImage": ("tlkit.images", False),
+    "build_demo": ("tlkit.demo", False),
+    "check_tta_mode": ("tlkit.tta", False),
+    "cosine_lr_factor": ("tlkit.schedule", False),
+    "create_transforms": ("tlkit.data", False),
+    "cross_validate": ("tlkit.protocol", False),
+    "destroy_distributed": ("tlkit.distributed", False),
+    "distributed_context": ("tlkit.distributed", False),
+    "DistributedContext": ("tlkit.distributed", False),
+    "eval_resize_size": ("tlkit.data", False),
+    "extract_features": ("tlkit.features", False),
+    "FeatureCache": ("tlkit.features", False),
+    "find_bad_images": ("tlkit.images", False),
+    "IMAGE_EXTENSIONS": ("tlkit.images", False),
+    "init_distributed": ("tlkit.distributed", False),
+    "launch_demo": ("tlkit.demo", False),
+    "load_checkpoint": ("tlkit.checkpoint", False),
+    "load_weights": ("tlkit.backbone", False),
+    "LRFinderResult": ("tlkit.lr_finder", False),
+    "MAX_BYTES": ("tlkit.images", False),
+    "MAX_PIXELS": ("tlkit.images", False),
+    "parameter_groups": ("tlkit.freeze", False),
+    "ParamGroup": ("tlkit.freeze", False),
+    "Phase": ("tlkit.freeze", False),
+    "ProtocolResult": ("tlkit.protocol", False),
+    "read_state_dict": ("tlkit.backbone", False),
+    "RECIPES": ("tlkit.recipes", False),
+    "repeat_seeds": ("tlkit.protocol", False),
+    "save_checkpoint": ("tlkit.checkpoint", False),
+    "ScanReport": ("tlkit.images", False),
+    "skip_none_collate": ("tlkit.data", False),
+    "SkippedImageWarning": ("tlkit.images", False),
+    "stratified_kfold": ("tlkit.data", False),
+    "TaskHead": ("tlkit.head", False),
+    "to_rgb": ("tlkit.images", False),
+    "tta_log_probs": ("tlkit.tta", False),
+    "TTA_MODES": ("tlkit.tta", False),
+    "tta_views": ("tlkit.tta", False),
+    "write_run_report": ("tlkit.report", False),
+}
+
+if TYPE_CHECKING:  # the root's names, for type checkers and IDEs (tests/test_api.py keeps it equal to the table)
+    from tlkit.backbone import create_backbone, resolve_backbone, resolve_data_config
+    from tlkit.callbacks import Callback
+    from tlkit.checkpoint import CheckpointError
     from tlkit.config import (
         AugmentConfig,
         BackboneConfig,
@@ -20,177 +91,32 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         RunConfig,
         TrainConfig,
     )
-    from tlkit.data import (
-        ImageFolderDataset,
-        create_transforms,
-        eval_resize_size,
-        load_datasets,
-        skip_none_collate,
-        stratified_kfold,
-        stratified_split,
-    )
-    from tlkit.demo import build_demo, launch_demo
-    from tlkit.distributed import DistributedContext, destroy_distributed, distributed_context, init_distributed
-    from tlkit.features import FeatureCache, extract_features
+    from tlkit.data import ImageFolderDataset, stratified_split
+    from tlkit.datasets import load_datasets
     from tlkit.finetuner import FineTuner, Prediction
-    from tlkit.freeze import FreezePolicy, ParamGroup, Phase, parameter_groups
-    from tlkit.schedule import cosine_lr_factor
-    from tlkit.head import HeadReplacer, TaskHead
-    from tlkit.images import (
-        IMAGE_EXTENSIONS,
-        MAX_BYTES,
-        MAX_PIXELS,
-        BadImage,
-        BadImageError,
-        ScanReport,
-        SkippedImageWarning,
-        find_bad_images,
-        load_image,
-        to_rgb,
-    )
-    from tlkit.lr_finder import LRFinderResult
+    from tlkit.freeze import FreezePolicy
+    from tlkit.head import HeadReplacer
+    from tlkit.images import BadImageError, load_image
     from tlkit.metrics import ClassificationMetrics
-    from tlkit.protocol import ProtocolResult, cross_validate, repeat_seeds
-    from tlkit.recipes import RECIPES, apply_recipe
-    from tlkit.report import write_run_report
-    from tlkit.tta import TTA_MODES, check_tta_mode, tta_log_probs, tta_views
+    from tlkit.recipes import apply_recipe
+    from tlkit.table import LabelTableDataset
 
-_EXPORTS = {  # public name -> module; imported on first use (PEP 562), so `tlkit --help` needs no torch
-    "apply_recipe": "tlkit.recipes",
-    "AugmentConfig": "tlkit.config",
-    "BackboneConfig": "tlkit.config",
-    "BadImage": "tlkit.images",
-    "BadImageError": "tlkit.images",
-    "build_demo": "tlkit.demo",
-    "check_tta_mode": "tlkit.tta",
-    "CheckpointError": "tlkit.checkpoint",
-    "ClassificationMetrics": "tlkit.metrics",
-    "cosine_lr_factor": "tlkit.schedule",
-    "create_backbone": "tlkit.backbone",
-    "create_transforms": "tlkit.data",
-    "cross_validate": "tlkit.protocol",
-    "DataConfigOverrides": "tlkit.config",
-    "DatasetConfig": "tlkit.config",
-    "destroy_distributed": "tlkit.distributed",
-    "distributed_context": "tlkit.distributed",
-    "DistributedContext": "tlkit.distributed",
-    "eval_resize_size": "tlkit.data",
-    "extract_features": "tlkit.features",
-    "FeatureCache": "tlkit.features",
-    "find_bad_images": "tlkit.images",
-    "FineTuner": "tlkit.finetuner",
-    "FreezePolicy": "tlkit.freeze",
-    "HeadConfig": "tlkit.config",
-    "HeadReplacer": "tlkit.head",
-    "IMAGE_EXTENSIONS": "tlkit.images",
-    "ImageFolderDataset": "tlkit.data",
-    "init_distributed": "tlkit.distributed",
-    "launch_demo": "tlkit.demo",
-    "load_checkpoint": "tlkit.checkpoint",
-    "load_datasets": "tlkit.data",
-    "load_image": "tlkit.images",
-    "load_weights": "tlkit.backbone",
-    "LRFinderResult": "tlkit.lr_finder",
-    "MAX_BYTES": "tlkit.images",
-    "MAX_PIXELS": "tlkit.images",
-    "parameter_groups": "tlkit.freeze",
-    "ParamGroup": "tlkit.freeze",
-    "Phase": "tlkit.freeze",
-    "Prediction": "tlkit.finetuner",
-    "ProtocolResult": "tlkit.protocol",
-    "read_state_dict": "tlkit.backbone",
-    "RECIPES": "tlkit.recipes",
-    "repeat_seeds": "tlkit.protocol",
-    "resolve_backbone": "tlkit.backbone",
-    "resolve_data_config": "tlkit.backbone",
-    "RunConfig": "tlkit.config",
-    "save_checkpoint": "tlkit.checkpoint",
-    "ScanReport": "tlkit.images",
-    "skip_none_collate": "tlkit.data",
-    "SkippedImageWarning": "tlkit.images",
-    "stratified_kfold": "tlkit.data",
-    "stratified_split": "tlkit.data",
-    "TaskHead": "tlkit.head",
-    "to_rgb": "tlkit.images",
-    "TrainConfig": "tlkit.config",
-    "tta_log_probs": "tlkit.tta",
-    "TTA_MODES": "tlkit.tta",
-    "tta_views": "tlkit.tta",
-    "write_run_report": "tlkit.report",
-}
-
-__all__ = [
-    "__version__",
-    "AugmentConfig",
-    "BackboneConfig",
-    "BadImage",
-    "BadImageError",
-    "CheckpointError",
-    "ClassificationMetrics",
-    "DataConfigOverrides",
-    "DatasetConfig",
-    "DistributedContext",
-    "FeatureCache",
-    "FineTuner",
-    "FreezePolicy",
-    "HeadConfig",
-    "HeadReplacer",
-    "IMAGE_EXTENSIONS",
-    "LRFinderResult",
-    "ImageFolderDataset",
-    "MAX_BYTES",
-    "MAX_PIXELS",
-    "ParamGroup",
-    "Phase",
-    "Prediction",
-    "ProtocolResult",
-    "RECIPES",
-    "RunConfig",
-    "ScanReport",
-    "SkippedImageWarning",
-    "TTA_MODES",
-    "TaskHead",
-    "TrainConfig",
-    "apply_recipe",
-    "build_demo",
-    "check_tta_mode",
-    "cosine_lr_factor",
-    "create_backbone",
-    "create_transforms",
-    "cross_validate",
-    "destroy_distributed",
-    "distributed_context",
-    "eval_resize_size",
-    "extract_features",
-    "find_bad_images",
-    "init_distributed",
-    "launch_demo",
-    "load_checkpoint",
-    "load_datasets",
-    "load_image",
-    "load_weights",
-    "parameter_groups",
-    "read_state_dict",
-    "repeat_seeds",
-    "resolve_backbone",
-    "resolve_data_config",
-    "save_checkpoint",
-    "skip_none_collate",
-    "stratified_kfold",
-    "stratified_split",
-    "to_rgb",
-    "tta_log_probs",
-    "tta_views",
-    "write_run_report",
-]
+__all__ = ["__version__", *(name for name, (_, kept) in _EXPORTS.items() if kept)]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    entry = _EXPORTS.get(name)
+    if entry is None:
         raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
+    module, kept = entry
+    if not kept:
+        import warnings
+
+        warnings.warn(f"tlkit.{name} moves out of the package root in tlkit 0.3: import it from {module}",
+                      DeprecationWarning, stacklevel=2)
     value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
+    if kept:
+        globals()[name] = value  # later lookups skip __getattr__ (deprecated names warn every time)
     return value
 
 

@@ -25,17 +25,24 @@ import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tlkit.checkpoint import CheckpointError
-from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, TrainConfig
+from tlkit.config import MAX_CLASSES, AugmentConfig, BackboneConfig, HeadConfig, TrainConfig
 from tlkit.freeze import FreezePolicy
 
 __all__ = ["CheckpointHeader", "MODEL_KWARGS", "RUNTIME_FIELDS", "STORED_FIELDS", "parse_header",
            "runtime_train_config", "unloadable_reason"]
 
-MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_NAME_LENGTH = 256
 MIN_SIDE, MAX_SIDE = 8, 2048
 MAX_HIDDEN_DIM = 65_536

@@ -14,7 +14,7 @@ from tlkit._known_weights import with_known_weights
 from tlkit.config import BackboneConfig, DataConfigOverrides, RunConfig
 from tlkit.pretrained import HubDownloadError, choose_source, hub_offline, hub_reachable
 
-__all__ = ["HubDownloadError", "create_backbone", "load_weights", "read_state_dict", "resolve_backbone",
+__all__ = ["HubDownloadError", "backbone_config_of", "complete_data_config", "create_backbone", "load_weights", "read_state_dict", "resolve_backbone",
            "resolve_data_config", "resolve_run_config"]
 
 _COUNTER = "num_batches_tracked"
@@ -243,3 +243,23 @@ def resolve_data_config(
         "crop_pct": float(cfg["crop_pct"]),
         "crop_mode": str(cfg.get("crop_mode", "center")),
     }
+
+
+def backbone_config_of(model: nn.Module, backbone: BackboneConfig | None = None) -> BackboneConfig:
+    """How ``model`` was built: ``backbone``, else the config `create_backbone` attached, else its
+    timm architecture name with no extra kwargs."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+    return backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
+
+
+def complete_data_config(model: nn.Module, backbone: BackboneConfig,
+                         data_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full data config a tuner of ``model`` uses: ``data_config`` completed, or the model's own.
+
+    A partial ``data_config`` is completed from the backbone's settings (a known file's mean and
+    std), then from the model; with none, the one a previous tuner resolved for the model (kept
+    on it as ``tlkit_data_config``), else `resolve_data_config` with the backbone's overrides.
+    """
+    if data_config and not set(DATA_CONFIG_KEYS) <= set(data_config):
+        data_config = resolve_data_config(model, {**backbone.data_config.model_dump(exclude_none=True), **data_config})
+    return data_config or getattr(model, "tlkit_data_config", None) or resolve_data_config(model, backbone.data_config)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
     from tlkit.metrics import ClassificationMetrics
 
 __all__ = ["HOOKS", "improves", "Callback", "CallbackList", "EarlyStopping", "EpochLogger", "ProgressBar", "RunReport",
@@ -75,28 +75,28 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned, on resume (before ``on_fit_start``)."""
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         """Training begins (or resumes: ``tuner.epoch`` epochs are already done)."""
 
-    def on_epoch_start(self, tuner: FineTuner, epoch: int) -> None:
+    def on_epoch_start(self, tuner: Run, epoch: int) -> None:
         """Epoch ``epoch`` (1-based) begins; the freeze policy has been applied."""
 
-    def on_phase_start(self, tuner: FineTuner, epoch: int, joined: list[str]) -> None:
+    def on_phase_start(self, tuner: Run, epoch: int, joined: list[str]) -> None:
         """A FreezePolicy phase begins at epoch ``epoch``; ``joined``: parameters that joined the optimizer."""
 
-    def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:
+    def on_train_batch_end(self, tuner: Run, loss: float, batch_size: int) -> None:
         """An optimizer step was taken (``tuner.step`` counts it); ``loss``: its mean loss."""
 
-    def on_validation_end(self, tuner: FineTuner, metrics: ClassificationMetrics) -> None:
+    def on_validation_end(self, tuner: Run, metrics: ClassificationMetrics) -> None:
         """The epoch's validation finished."""
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         """The epoch's record is complete (and in ``tuner.history``); its files are not written yet."""
 
-    def on_checkpoint_saved(self, tuner: FineTuner, paths: dict[str, Path]) -> None:
+    def on_checkpoint_saved(self, tuner: Run, paths: dict[str, Path]) -> None:
         """The epoch's files were written: ``paths`` maps ``state``, ``last``, ``best``, ``metrics``."""
 
-    def on_fit_end(self, tuner: FineTuner) -> None:
+    def on_fit_end(self, tuner: Run) -> None:
         """Training finished (all epochs, or a stop); EMA weights, if any, are in ``tuner.model``."""
 
 
@@ -137,22 +137,22 @@ class ProgressBar(Callback):
         self._bar: Any = None
         self._sum, self._seen = 0.0, 0
 
-    def on_epoch_start(self, tuner: FineTuner, epoch: int) -> None:
+    def on_epoch_start(self, tuner: Run, epoch: int) -> None:
         if tuner.is_main:
             self._bar = tqdm(total=tuner.steps_per_epoch, desc=f"epoch {epoch}/{tuner.config.epochs}", leave=False,
                              disable=None)  # None: a bar on a terminal only; pipes and files get the epoch lines
         self._sum, self._seen = 0.0, 0
 
-    def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:
+    def on_train_batch_end(self, tuner: Run, loss: float, batch_size: int) -> None:
         if self._bar is not None:
             self._sum, self._seen = self._sum + loss * batch_size, self._seen + batch_size
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{self._sum / self._seen:.4f}")
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         self._close()
 
-    def on_fit_end(self, tuner: FineTuner) -> None:
+    def on_fit_end(self, tuner: Run) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -171,7 +171,7 @@ class EpochLogger(Callback):
     def __init__(self) -> None:
         self._trainable: int | None = None
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         if not tuner.is_main:
             return
         s = f"epoch {record['epoch']}/{tuner.config.epochs}  train_loss {record['train_loss']:.4f}"
@@ -216,7 +216,7 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self._restored = state.get("best"), state.get("best_epoch"), True
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         self.monitor = self.monitor or tuner.config.best_metric
         if not self._restored:  # a fresh run, or a state written without callbacks: replay the history
             self.best, self.best_epoch = None, None
@@ -228,7 +228,7 @@ class EarlyStopping(Callback):
         if value is not None and math.isfinite(value) and improves(self.monitor, value, self.best, self.mode):
             self.best, self.best_epoch = float(value), int(record["epoch"])
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         if record.get(self.monitor) is None:
             return  # no validation this epoch: nothing to judge
         self._observe(record)
@@ -256,14 +256,14 @@ class TimeBudget(Callback):
         self._start = 0.0
         self._before = 0.0
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         import time
 
         self._start = time.perf_counter()
         self._before = sum(r.get("seconds", 0.0) for r in tuner.history)  # epochs trained before a resume
         self._done = len(tuner.history)
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         import time
 
         elapsed = self._before + time.perf_counter() - self._start
@@ -281,8 +281,8 @@ class RunReport(Callback):
         self.facts: dict[str, Any] = {}
         self.val: Any = None
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
-        from tlkit._training.loaders import dataset_length
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
+        from tlkit._loaders import dataset_length
 
         self.val = val  # the photos the run's top losses come from (fit end)
         self.facts = {"train_images": dataset_length(train)}
@@ -299,16 +299,16 @@ class RunReport(Callback):
             except ValueError:
                 pass  # a config this run did not write: the card says the split is not recorded
 
-    def on_fit_end(self, tuner: FineTuner) -> None:
+    def on_fit_end(self, tuner: Run) -> None:
         if tuner.output_dir is not None and tuner.history and tuner.is_main:
-            from tlkit._training.runfiles import run_file_writes
+            from tlkit._runfiles import run_file_writes
             from tlkit.report import write_run_report
 
             with run_file_writes(tuner.output_dir):
                 write_run_report(tuner, tuner.output_dir, self.facts)
                 self._top_losses(tuner)
 
-    def _top_losses(self, tuner: FineTuner) -> None:
+    def _top_losses(self, tuner: Run) -> None:
         """``top_losses.png``: the validation photos the final model gets most wrong (single-label)."""
         from tlkit.data import ImageFolderDataset
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from tlkit._fs import atomic_write_bytes  # re-exported: the run folder's one writer
 
 __all__ = [
+    "check_tensors_match",
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
@@ -305,3 +305,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def check_tensors_match(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse ``state`` unless it has exactly the names and shapes of ``own`` (a model's state_dict).
+
+    Raises:
+        CheckpointError: names the first missing, unexpected and reshaped tensors and the file.
+    """
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatches (file vs model) {shapes[:3]}"
+        )

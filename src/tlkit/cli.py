@@ -246,7 +246,7 @@ _INSTEAD = {"--split val": "--data FOLDER", "--format onnx-int8": "--calibration
 def _recorded_split(checkpoint: Path, classes: list[str], name: str = "val"):
     """A split (``val``, or a label table's ``test`` rows) a run recorded in its ``config.yaml``
     (next to the checkpoint, or in the run folder)."""
-    from tlkit.data import load_split
+    from tlkit.datasets import load_split
 
     config_file = _run_config_file(checkpoint)
     data = load_split(_recorded_data(checkpoint, "--split val"), name)
@@ -321,7 +321,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from tlkit import FineTuner
     from tlkit.export import (
-        check_onnx, check_torch_export, check_torchscript, export_onnx, export_torch, export_torchscript,
+        check_onnx,
+        check_torch_export,
+        check_torchscript,
+        export_onnx,
+        export_torch,
+        export_torchscript,
     )
 
     _check_output(args)  # before the model loads: a refusal costs nothing
@@ -400,10 +405,9 @@ def _export_int8(tuner, args: argparse.Namespace, meta: dict, size: tuple, x, la
     """``--format onnx-int8``: calibrate, quantise, and with ``--check`` compare with the float32 ONNX."""
     import tempfile
 
+    from tlkit._cpu import int8_note
     from tlkit.export import export_onnx
     from tlkit.quantize import compare_onnx, export_onnx_int8
-
-    from tlkit._cpu import int8_note
 
     calibration, source = _calibration_batch(tuner, args)
     calibration = _within_memory(tuner, args, calibration, size)
@@ -632,7 +636,7 @@ def _environment() -> dict:
     import torch
 
     from tlkit._cpu import cpu_features, cpu_name
-    from tlkit._training.runtime import resolve_device, resolve_precision
+    from tlkit._runtime import resolve_device, resolve_precision
     from tlkit._version import __version__
 
     device = resolve_device("auto")
@@ -902,10 +906,10 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from tlkit._fs import SymlinkRefused
+    from tlkit._runfiles import RunFileError
     from tlkit.backbone import HubDownloadError
     from tlkit.checkpoint import CheckpointError
     from tlkit.distributed import destroy_distributed
-    from tlkit._training.runfiles import RunFileError
     from tlkit.runlock import OutputDirError, RunLockedError
 
     args.argv = list(sys.argv[1:] if argv is None else argv)

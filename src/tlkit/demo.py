@@ -40,7 +40,7 @@ from tlkit.tta import check_tta_mode
 if TYPE_CHECKING:  # gradio is an optional extra
     import gradio
 
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["build_demo", "launch_demo", "DEFAULT_MAX_UPLOAD_BYTES", "CACHE_SECONDS", "UPLOAD_QUOTA_FILES", "UploadQuota"]
 
@@ -63,7 +63,7 @@ def _import_gradio():
     return gr
 
 
-def _describe(tuner: FineTuner) -> str:
+def _describe(tuner: Run) -> str:
     # Class names come from folder names or a stranger's checkpoint: shown as text, never as markup.
     classes = ", ".join(markdown_text(c) for c in tuner.classes)
     lines = [f"**Backbone:** {markdown_text(tuner.backbone.name)} · **classes:** {classes}"]
@@ -111,7 +111,7 @@ def _delete_upload(path: str) -> None:
         file.parent.rmdir()
 
 
-def _classify_upload(tuner: FineTuner, path: str, name: str, tta: str, max_bytes: int, error: type[Exception]):
+def _classify_upload(tuner: Run, path: str, name: str, tta: str, max_bytes: int, error: type[Exception]):
     """Preview and class probabilities of the upload at ``path``, called ``name`` in messages.
 
     Raises:
@@ -150,7 +150,7 @@ def _check_arguments(top_k: int, tta: str, max_upload_bytes: int, examples: Sequ
 
 
 def build_demo(
-    tuner: FineTuner, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo",
+    tuner: Run, *, top_k: int = 3, tta: str = "none", title: str = "tlkit demo",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, examples: Sequence[str | Path] = (),
 ) -> gradio.Blocks:
     """Build the Gradio page for a trained model (not yet served).
@@ -272,7 +272,7 @@ def _neutral_copies(examples: Sequence[str | Path]) -> list[Path]:
     return copies
 
 
-def _layout(gr, tuner: FineTuner, handlers: tuple, *, title: str, top_k: int, max_upload_bytes: int,
+def _layout(gr, tuner: Run, handlers: tuple, *, title: str, top_k: int, max_upload_bytes: int,
             examples: list[Path]) -> gradio.Blocks:
     """The page's components and events around the handlers (API, upload, example click)."""
     classify_api, on_upload, on_example = handlers
@@ -326,7 +326,7 @@ def private_upload_folder() -> Iterator[Path | None]:
 
 
 def launch_demo(
-    tuner: FineTuner, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = 3, tta: str = "none",
+    tuner: Run, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = 3, tta: str = "none",
     block: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, examples: Sequence[str | Path] = (),
     **launch_kwargs: Any,
 ) -> gradio.Blocks:
@@ -355,7 +355,7 @@ def launch_demo(
     """
     from starlette.middleware import Middleware
 
-    from tlkit._training.signals import interrupt_on_signals
+    from tlkit._signals import interrupt_on_signals
 
     # Built inside the private folder: Gradio copies the example photos into its cache as it builds.
     # SIGTERM ends a blocking server as Ctrl-C does, so the folder and the visitors' uploads go too.

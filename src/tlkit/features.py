@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlkit._training.rng import seeded  # noqa: F401  (its old home; tlkit._training.rng owns it)
+from tlkit._rng import seeded  # noqa: F401  (its old home; tlkit._rng owns it)
 from tlkit.checkpoint import atomic_write_bytes, tensors_sha256
 
 __all__ = ["FeatureCache", "extract_features", "weights_digest", "classifier_is_last_step"]

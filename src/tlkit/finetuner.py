@@ -12,35 +12,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
-from tlkit._introspect import classifier_module_names
+from tlkit._guard import claim_run_folder, run_guard
+from tlkit._loaders import eval_loader, prepare_dataset
+from tlkit._runtime import flush_denormal, make_grad_scaler, resolve_device, resolve_precision, setup_runtime
 from tlkit._training import state as run_state
 from tlkit._training.cached import cached_features
-from tlkit._training.ddp import DDPWrapper, prepare_model_for_ddp
+from tlkit._training.ddp import DDPWrapper
 from tlkit._training.defaults import default_callbacks
-from tlkit._training.guard import claim_run_folder, run_guard
-from tlkit._training.inference import Prediction, error_handler, evaluate_loader, predict_batches, predict_items
-from tlkit._training.loaders import eval_loader, prepare_dataset
-from tlkit._training.loading import choose_classes, read_header
+from tlkit._training.inference import (
+    Prediction,
+    error_handler,
+    evaluate_loader,
+    predict_batches,
+    predict_items,
+    prepare_input,
+)
+from tlkit._training.loading import build_run, load_run, load_timm_folder
 from tlkit._training.loop import FitLoop
 from tlkit._training.lr_find import run_lr_find
 from tlkit._training.optim import class_weights
-from tlkit._training.rng import seeded
+from tlkit._training.progress import StateViews, TrainState
 from tlkit._training.workers import worker_init_fn
-from tlkit._training.runtime import (Runtime, flush_denormal, make_grad_scaler, resolve_device,
-                                     resolve_precision)
-from tlkit.backbone import DATA_CONFIG_KEYS, create_backbone, resolve_backbone, resolve_data_config
+from tlkit.backbone import (
+    backbone_config_of,
+    complete_data_config,
+)
 from tlkit.callbacks import Callback
-from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from tlkit.checkpoint import save_checkpoint
 from tlkit.config import AugmentConfig, BackboneConfig, HeadConfig, RunConfig, TrainConfig
 from tlkit.data import ImageFolderDataset, create_transforms, eval_resize_size
-from tlkit.distributed import DistributedContext, init_distributed
 from tlkit.features import FeatureCache
 from tlkit.freeze import FreezePolicy
-from tlkit.head import HeadReplacer, TaskHead, check_head_width
-from tlkit.images import MAX_BYTES, MAX_PIXELS, load_image, to_rgb
+from tlkit.head import check_head_width, head_config_for
+from tlkit.images import MAX_BYTES, MAX_PIXELS
 from tlkit.lr_finder import LRFinderResult
 from tlkit.metrics import ClassificationMetrics
 from tlkit.tta import check_tta_mode
@@ -48,17 +54,7 @@ from tlkit.tta import check_tta_mode
 __all__ = ["FineTuner", "Prediction", "flush_denormal", "resolve_device", "resolve_precision"]
 
 
-def _infer_head_config(model: nn.Module, num_classes: int) -> HeadConfig:
-    head = model.get_submodule(classifier_module_names(model)[0])
-    if isinstance(head, TaskHead):
-        hidden = head.hidden.out_features if hasattr(head, "hidden") else None
-        act = next((k for k, v in {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}.items()
-                    if hasattr(head, "act") and isinstance(head.act, v)), "relu")
-        return HeadConfig(num_classes=num_classes, dropout=head.drop.p, hidden_dim=hidden, activation=act)
-    return HeadConfig(num_classes=num_classes)
-
-
-class FineTuner:
+class FineTuner(StateViews):
     """Fine-tune a timm model: fit, evaluate, predict, save and load.
 
     Args:
@@ -67,15 +63,11 @@ class FineTuner:
         classes: class names in index order.
         policy: which parameters train at each epoch; default full fine-tune.
         config: optimisation and loop settings.
-        data_config: timm data config (see `tlkit.resolve_data_config`); default from the
-            model's ``pretrained_cfg`` with the backbone config's overrides; a partial dict
-            (``{"input_size": [3, 160, 160]}``) is completed from the model. Saved in every
-            checkpoint and used by `predict`.
+        data_config: timm data config (`tlkit.resolve_data_config`), saved in every checkpoint and
+            used by `predict`; default, or a partial dict: see `tlkit.backbone.complete_data_config`.
         augment: training augmentation.
         output_dir: run folder for checkpoints and ``metrics.jsonl``; ``None`` writes nothing.
-        backbone: how the model was built; stored so `load` can rebuild it. Default: the config
-            `create_backbone` attached to the model, else its timm architecture name with no
-            extra kwargs.
+        backbone: how the model was built, so `load` can rebuild it (`tlkit.backbone.backbone_config_of`).
         head: the head's config; default inferred from the model.
         callbacks: `tlkit.callbacks.Callback` objects run by `fit` after the built-in ones
             (progress bar and epoch lines, early stopping, run report, ``TrainConfig.loggers``).
@@ -84,11 +76,9 @@ class FineTuner:
             multi-hot or mixed); default cross-entropy with ``label_smoothing`` and class weights
             (binary cross-entropy for a multi-label head). Validation keeps its own metrics.
 
-    Use `from_config` to build everything from a `RunConfig`.
-
-    Under ``torchrun`` (``config.distributed="auto"``) the same code trains on every process
-    with ``DistributedDataParallel``; see `tlkit.distributed` and the "Distributed training"
-    docs page. ``config.batch_size`` is then per process.
+    Use `from_config` to build everything from a `RunConfig`. Under ``torchrun``
+    (``config.distributed="auto"``) the same code trains with ``DistributedDataParallel``
+    (`tlkit.distributed`); ``config.batch_size`` is then per process.
 
     Attributes:
         model: the model, on `device`.
@@ -99,10 +89,11 @@ class FineTuner:
         should_stop: set it to ``True`` from a callback to end `fit` after the current epoch.
         dist: this process's place in the process group, ``None`` in a single process.
         is_main: whether this process writes files and prints (rank 0, or the only process).
-        checkpoint_metadata: the header of the checkpoint `load` read (backbone, weights
-            source, classes, data config, configs, epoch, ``metrics``); ``None`` otherwise.
+        checkpoint_metadata: the header of the checkpoint `load` read; ``None`` otherwise.
         calibration: ``{"temperature", "reject_threshold"}`` fitted on the validation split
             (`tlkit.calibration`), used by `predict`; ``None`` without validation data.
+        state: the `tlkit._training.progress.TrainState` the loop owns; the counters above,
+            ``optimizer``, ``ema``, ``calibration``... are views of its fields.
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], *, policy: FreezePolicy | None = None,
@@ -119,65 +110,22 @@ class FineTuner:
         self.augment = augment or AugmentConfig()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.callbacks: list[Callback] = list(callbacks or [])
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
-        self.backbone = backbone or getattr(model, "tlkit_backbone_config", None) or BackboneConfig(name=arch, pretrained=False)
-        if data_config and not set(DATA_CONFIG_KEYS) <= set(data_config):
-            # A partial one: the rest from the backbone's own settings (a known file's mean/std), then the model.
-            data_config = resolve_data_config(model, {**self.backbone.data_config.model_dump(exclude_none=True),
-                                                      **data_config})
-        # A model that went through FineTuner keeps its resolved data config when wrapped again.
-        self.data_config = (data_config or getattr(model, "tlkit_data_config", None)
-                            or resolve_data_config(model, self.backbone.data_config))
-        model.tlkit_data_config = self.data_config
-        self.head = self._check_head(head or _infer_head_config(model, len(self.classes)))
+        self.backbone = backbone_config_of(model, backbone)
+        self.data_config = complete_data_config(model, self.backbone, data_config)
+        model.tlkit_data_config = self.data_config  # wrapped again, the model keeps its resolved data config
+        self.head = head_config_for(model, self.classes, head)
         check_head_width(model, self.classes)
-        self._setup_runtime(model)
+        self.dist, self.runtime, self.model = setup_runtime(model, self.config)
+        self.is_main = self.dist is None or self.dist.is_main
         self.train_transform, self.eval_transform = create_transforms(self.data_config, self.augment)
         self.draft_size = eval_resize_size(self.data_config) if self.config.jpeg_draft else None
         self.eval_batch_size: int = self.config.eval_batch_size or (16 if self.device.type == "cpu" else 64)
         self.feature_cache = FeatureCache(self.config.feature_cache_dir)
         self.ddp_wrap = DDPWrapper(self.dist, self.device, self.config.find_unused_parameters)
         self.worker_init_fn: Any = worker_init_fn()  # DataLoader workers die with this process
-        self._compiled: nn.Module | None = None
-        self.ema: nn.Module | None = None  # timm ModelEmaV3 while config.ema_decay is set
-        self.wise_anchor: dict[str, torch.Tensor] | None = None  # WiSE-FT's anchor (config.wise_ft)
-        self.wise_twin: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scaler = make_grad_scaler(self.amp_dtype, self.device)  # float16 only
-        self.step = self.epoch = self.steps_per_epoch = 0
-        self.should_stop = False
-        self.best: dict[str, Any] = {"metric": None, "epoch": None}
-        self.history: list[dict[str, Any]] = []
+        # What the fit loop changes (counters, best, history, optimizer, EMA...): one object it owns.
+        self.state = TrainState(scaler=make_grad_scaler(self.amp_dtype, self.device))  # the scaler: float16 only
         self.checkpoint_metadata: dict[str, Any] | None = None
-        # {"temperature", "reject_threshold"} fitted on the validation split (tlkit.calibration).
-        self.calibration: dict[str, float] | None = None
-        # Multi-label: the per-label thresholds tuned on the validation split (0.5 before any).
-        self.thresholds: list[float] | None = None
-
-    def _check_head(self, head: HeadConfig) -> HeadConfig:
-        if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {self.classes}: add a folder per class")
-        if head.num_classes is None:
-            head = head.model_copy(update={"num_classes": len(self.classes)})
-        if head.num_classes != len(self.classes):
-            raise ValueError(f"head has {head.num_classes} classes but {len(self.classes)} class names were given")
-        return head
-
-    def _setup_runtime(self, model: nn.Module) -> None:
-        # Under torchrun, join the process group before picking the device (cuda:LOCAL_RANK).
-        self.dist: DistributedContext | None = (
-            init_distributed(self.config.device) if self.config.distributed == "auto" else None)
-        self.is_main = self.dist is None or self.dist.is_main
-        device = resolve_device(self.config.device)
-        if self.dist is not None and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.dist.local_rank)
-        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        channels_last = self.config.channels_last if self.config.channels_last is not None else has_conv
-        self.runtime = Runtime(device, resolve_precision(self.config.precision, device), channels_last,
-                               self.config.flush_denormal)
-        self.model = model.to(device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
 
     @property
     def multilabel(self) -> bool:
@@ -203,45 +151,19 @@ class FineTuner:
     def from_config(cls, config: RunConfig, classes: Sequence[str], callbacks: Sequence[Callback] | None = None) -> FineTuner:
         """Build backbone, head, policy and loop from a `RunConfig`.
 
-        The backbone is resolved first (`tlkit.resolve_backbone`: weights source, what a known
-        weights file needs), and the tuner records the resolved settings, so its checkpoints
-        rebuild the network it trains. The new head (and a random-init backbone) is initialised
-        under ``config.train.seed``, so the same config gives the same initial weights; the
-        caller's RNG is left as it was. Without ``config.output_dir`` the run gets a new folder
-        (`RunConfig.with_run_dir`).
+        The backbone is resolved first (`tlkit.resolve_backbone`) and recorded as resolved, so
+        checkpoints rebuild the network trained. New weights are initialised under
+        ``config.train.seed`` (the caller's RNG is left as it was). Without ``config.output_dir``
+        the run gets a new folder (`RunConfig.with_run_dir`).
 
         Raises:
             ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
         """
-        config = config.with_run_dir()  # output_dir None: a new folder per run
-        backbone = resolve_backbone(config.backbone)
-        head = config.head.model_copy(update={"num_classes": config.head.num_classes or len(classes)})
-        with seeded(config.train.seed)():
-            model = create_backbone(backbone)
-            HeadReplacer.from_config(head, seed=config.train.seed).apply(model)
-        return cls(model, classes, policy=config.freeze, config=config.train,
-                   data_config=resolve_data_config(model, backbone.data_config),
-                   augment=config.data.augment, output_dir=config.output_dir, backbone=backbone,
-                   head=head, callbacks=callbacks)
+        return build_run(cls, config, classes, callbacks)
 
-    # -- helpers the training core uses ----------------------------------------------------------
-    def forward_module(self) -> nn.Module:
-        """The model, or its ``torch.compile`` wrapper (same parameters) with ``config.compile``."""
-        if not self.config.compile:
-            return self.model
-        if self._compiled is None:
-            self._compiled = torch.compile(self.model)
-        return self._compiled
-
-    def prepare_distributed(self) -> None:
-        """Check DDP preconditions and convert BatchNorm to SyncBatchNorm if configured."""
-        self.model = prepare_model_for_ddp(self.model, self.config, self.device)
-
+    # -- what the training core and tests read ------------------------------------------------------
     def class_weights(self, train: Any) -> torch.Tensor | None:
-        """The cross-entropy class weights ``config.class_weights`` asks for (see `tlkit._training.optim.class_weights`).
-
-        Returns:
-            float32 ``(num_classes,)`` on the model's device, or ``None`` for ``"none"``.
+        """``config.class_weights`` as float32 ``(num_classes,)`` on the device, ``None`` for ``"none"``.
 
         Raises:
             ValueError: a weight list of the wrong length, or ``"balanced"`` on data without ``targets``.
@@ -254,16 +176,9 @@ class FineTuner:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def cached_features(self, data: ImageFolderDataset, view: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled pre-logit features of ``data`` from the feature cache, computed on a miss.
-
-        Args:
-            data: the images (their paths, sizes and modification times are part of the key).
-            view: ``None`` for the eval transform, else the index of a seeded augmented view made
-                with the training transform.
-
-        Returns:
-            ``(features, labels)``: float32 ``(N, num_features)`` and int64 ``(N,)``, CPU.
-        """
+        """Pooled pre-logit features of ``data`` (``view``: ``None`` eval transform, else the index
+        of a seeded augmented view) from the feature cache, computed on a miss: float32
+        ``(N, num_features)`` and int64 ``(N,)`` labels, on the CPU."""
         return cached_features(self, data, view)
 
     # -- training -------------------------------------------------------------------------------
@@ -271,17 +186,13 @@ class FineTuner:
             overwrite: bool = False) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` epochs, evaluating on ``val`` after each.
 
-        At the start of every epoch the `FreezePolicy` is applied; at a phase boundary
-        newly unfrozen parameters join the optimizer with their own learning rate while the
-        others keep their state. The learning rate follows a linear warm-up then cosine decay,
-        per optimizer step. With ``output_dir`` set, each epoch writes ``last.state.pt`` (the
-        resume state, weights included, one atomic file) first, then ``last.safetensors``,
-        ``best.safetensors`` when ``config.best_metric`` improves, and ``metrics.jsonl``.
-        Callbacks run at the hooks listed in `tlkit.callbacks`.
-
-        Before anything else, every `ImageFolderDataset` not scanned yet is scanned
-        (`ImageFolderDataset.scan`): with ``bad_images="skip"`` unusable files are dropped and
-        the report is printed to stderr, with ``"error"`` the scan raises before training.
+        Each epoch the `FreezePolicy` is applied (newly unfrozen parameters join the optimizer
+        with their own learning rate); the learning rate follows ``config.schedule`` per step.
+        With ``output_dir`` set, each epoch writes ``last.state.pt`` (the resume state, one
+        atomic file) first, then ``last.safetensors``, ``best.safetensors`` when
+        ``config.best_metric`` improves, and ``metrics.jsonl``. Callbacks run at the hooks of
+        `tlkit.callbacks`. Unscanned `ImageFolderDataset` s are scanned first (bad files skipped
+        and reported, or an error before training, as ``bad_images`` says).
 
         Args:
             train: an `ImageFolderDataset` (the training transform is applied), a dataset
@@ -295,28 +206,21 @@ class FineTuner:
                 ``resume``) such a folder is refused, so a finished run is never lost.
 
         Returns:
-            One dict per epoch: ``epoch`` (its 1-based number), ``train_loss``, ``val_loss``,
-            ``top1``, ``macro_f1``, ``per_class_recall``, ``confusion_matrix``, ``lr``,
-            ``trainable_params``, ``seconds``, ``images_per_s``, ``cached_features`` (whether
-            the epoch trained from cached features; see ``TrainConfig.feature_cache``), and
-            whatever callbacks added.
+            One dict per epoch: ``epoch`` (1-based), ``train_loss``, ``val_loss``, ``top1``,
+            ``macro_f1``, ``per_class_recall``, ``confusion_matrix``, ``lr``, ``trainable_params``,
+            ``seconds``, ``images_per_s``, ``cached_features``, and what callbacks added.
 
         Raises:
             ValueError: the policy leaves nothing trainable, or the classes do not match.
             BadImageError: a dataset with ``bad_images="error"`` holds unusable files (lists them).
-            FloatingPointError: the training or validation loss became NaN or infinite (names the
-                epoch and step). The failing step is not taken (BatchNorm statistics are restored
-                too), no file with non-finite tensors is written, and the files of the last
-                completed epoch are left as they were.
+            FloatingPointError: a NaN or infinite loss (names epoch and step); that step is not
+                taken and the files of the last completed epoch stay as they were.
             CheckpointError: the resume state is missing, truncated, corrupted or does not fit.
-            RunLockedError: another process trains into ``output_dir`` (names it), before any work.
-            RunExistsError: (a ``ValueError``) ``output_dir`` holds a run and neither ``resume``
-                nor ``overwrite`` is set, before any work.
-            OutputDirError: ``output_dir`` cannot be created or written, before any work.
-            RunFileError: writing a run file failed (disk full...): one line naming the file and
-                what is kept; the files of the last completed epoch stay.
-            KeyboardInterrupt: Ctrl-C, or SIGTERM (as `TrainingInterrupted`); the files of the
-                last completed epoch stay and ``resume=True`` continues.
+            RunLockedError / RunExistsError / OutputDirError: before any work, ``output_dir`` is
+                in use by another process, holds a run (without ``resume`` or ``overwrite``), or
+                cannot be written.
+            RunFileError: writing a run file failed (disk full...); one line, last epoch's files kept.
+            KeyboardInterrupt: Ctrl-C or SIGTERM (`TrainingInterrupted`); ``resume=True`` continues.
         """
         loop = FitLoop(self, train, val, default_callbacks(self, self.callbacks))
         with run_guard(self), self.runtime.cpu_flags():
@@ -351,10 +255,6 @@ class FineTuner:
             ValueError: ``start_lr`` not below ``end_lr``, fewer than 2 steps, or empty data.
             RuntimeError: called under DDP (the range test runs in one process).
         """
-        if not 0 < start_lr < end_lr:
-            raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be at least 2, got {num_steps}")
         return run_lr_find(self, train, start_lr, end_lr, num_steps, epoch, diverge, smoothing)
 
     # -- evaluation and prediction --------------------------------------------------------------
@@ -370,8 +270,7 @@ class FineTuner:
             tta: test-time augmentation, one of ``"none"``, ``"hflip"``, ``"multi-crop"``
                 (see `tlkit.tta`); the loss is then the NLL of the averaged probabilities.
 
-        Under DDP each rank evaluates its shard of a dataset and the counts are summed, so every
-        rank returns the metrics of the whole data (a DataLoader is evaluated whole on each rank).
+        Under DDP each rank evaluates its shard of a dataset and every rank returns the whole's metrics.
 
         Raises:
             ValueError: empty data, or an unknown ``tta`` mode.
@@ -382,7 +281,7 @@ class FineTuner:
                                       num_workers=self.config.num_workers, device=self.device,
                                       worker_init_fn=self.worker_init_fn)
         with self.runtime.cpu_flags():
-            m = evaluate_loader(self.model, self.forward_module(), loader, self.classes, self.runtime,
+            m = evaluate_loader(self.model, self.runtime.forward(self.model), loader, self.classes, self.runtime,
                                 sharded=sharded, tta=tta, progress=self.config.bars and self.is_main,
                                 multilabel=self.multilabel)
         if self.multilabel and self.thresholds:
@@ -396,14 +295,7 @@ class FineTuner:
             BadImageError: an unreadable file, or one over ``max_pixels`` / ``max_bytes``.
             TypeError: an unsupported input type.
         """
-        if isinstance(item, (str, Path)):
-            return self.eval_transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes,
-                                                  draft_size=self.draft_size))
-        if isinstance(item, Image.Image):
-            return self.eval_transform(to_rgb(item))
-        if isinstance(item, torch.Tensor) and item.ndim == 3:
-            return item
-        raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")
+        return prepare_input(item, self.eval_transform, self.draft_size, max_pixels, max_bytes)
 
     @torch.no_grad()
     def predict(self, inputs: Any, batch_size: int | None = None, *, top_k: int | None = None,
@@ -411,16 +303,12 @@ class FineTuner:
                 on_error: str | Callable[[str, str], None] = "skip") -> list[Prediction]:
         """Classify images with the saved data config's eval transform (never augmentation).
 
-        Files are treated as untrusted: each is checked against ``max_bytes`` and, from its
-        header, ``max_pixels`` before it is decoded (see `tlkit.load_image`). As ``tlkit
-        predict`` does, an unreadable file costs only its own prediction: it is reported and
-        skipped, and the others are classified.
+        Files are untrusted: each is checked against ``max_bytes`` and ``max_pixels`` before it is
+        decoded (`tlkit.load_image`); an unreadable one costs only its own prediction.
 
         Args:
-            inputs: a file, a folder (every image inside, recursively, sorted), a glob, a PIL
-                image, a tensor, or a list of them. Tensors are taken as model input: float32
-                ``(3, H, W)`` or ``(B, 3, H, W)``, already normalised. PIL images with
-                transparency are composited onto white, as files are.
+            inputs: a file, a folder (its images, recursively, sorted), a glob, a PIL image, a
+                tensor (model input, float32 ``(3, H, W)`` or ``(B, 3, H, W)``), or a list of them.
             batch_size: images per forward pass; default `eval_batch_size`.
             top_k: how many ``(class, probability)`` pairs each `Prediction.top` holds; default
                 every class, most probable first.
@@ -433,10 +321,9 @@ class FineTuner:
                 `BadImageError`; a callable gets ``(path, message)`` instead of the warning.
 
         Returns:
-            One `Prediction` per readable image, in input order; `Prediction.path` names the
-            file each came from. With a `calibration` (fitted on the validation split by `fit`,
-            stored in its checkpoints) the probabilities are temperature-scaled and a prediction
-            below the reject threshold is not `Prediction.sure` (its `answer` is "not sure").
+            One `Prediction` per readable image, in input order (`Prediction.path` names its file).
+            With a `calibration` the probabilities are temperature-scaled, and one below the reject
+            threshold is not `Prediction.sure` (its `answer` is "not sure").
 
         Raises:
             BadImageError: (a ``ValueError``) with ``on_error="raise"``: an image file is
@@ -490,14 +377,7 @@ class FineTuner:
         Raises:
             ValueError: the folder is missing, malformed or out of bounds (names the file).
         """
-        from tlkit.hub import load_pretrained
-
-        model, classes, kwargs, data = load_pretrained(path)
-        backbone = BackboneConfig(name=model.pretrained_cfg.get("architecture", type(model).__name__),
-                                  pretrained=False, model_kwargs=kwargs, data_config=data)
-        config = TrainConfig(**{"device": device, **config_overrides})
-        return cls(model, classes, config=config, backbone=backbone,
-                   data_config=resolve_data_config(model, backbone.data_config))
+        return load_timm_folder(cls, path, device, config_overrides)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *, classes: Sequence[str] | None = None,
@@ -507,19 +387,11 @@ class FineTuner:
         Needs no config file, no user code and no network: the backbone is built with
         ``pretrained=False`` from the stored name and kwargs, then the stored weights are loaded.
 
-        The file may come from someone else. Its header must pass a strict schema first (a timm
-        model name, only allow-listed bounded timm kwargs, unique printable class names, a
-        bounded data config), the model it describes is built on the ``meta`` device and must
-        have exactly the file's tensors before any real memory is allocated, and resource
-        settings (``num_workers``, ``device``, ``eval_batch_size``, ``compile``, caches, process
-        groups) come from this call, never from the file. See "Threat model" in the
-        reliability docs.
-
-        To reuse a checkpoint for other classes (a new task from a fine-tuned backbone), pass
-        ``classes`` (or ``num_classes``) with ``adapt_head=True``: the backbone weights are
-        loaded and a new head of the stored head config is initialised for the new classes
-        (PyTorch's default initialisation, seeded by the stored ``TrainConfig.seed`` so two
-        loads agree). The head is never adapted silently.
+        The file may come from someone else: its header must pass a strict schema, the model it
+        describes is built on the ``meta`` device and must have exactly the file's tensors before
+        real memory is allocated, and resource settings come from this call, never from the file
+        ("Threat model" in the reliability docs). With ``adapt_head=True`` and other ``classes``,
+        the backbone weights load and a new head (seeded by the stored ``TrainConfig.seed``) is made.
 
         Args:
             path: a ``.safetensors`` checkpoint, or a run folder.
@@ -539,22 +411,4 @@ class FineTuner:
                 mismatching tensors).
             ValueError: ``classes`` and ``num_classes`` disagree.
         """
-        path = resolve_checkpoint(path)
-        state, meta = load_checkpoint(path)
-        run = read_header(meta, path, device, config_overrides, state)
-        wanted = choose_classes(run.classes, classes, num_classes, adapt_head, path)
-        new_head = wanted != run.classes
-        head = run.head.model_copy(update={"num_classes": len(wanted)}) if new_head else run.head
-        with seeded(run.train.seed)():  # a new head is initialised the same way on every load
-            model = create_backbone(run.backbone)
-            HeadReplacer.from_config(head, seed=run.train.seed).apply(model)
-        tuner = cls(model, wanted, policy=run.policy, config=run.train, data_config=run.data_config,
-                    augment=run.augment, backbone=run.backbone, head=head)
-        skip = tuple(f"{n}." for n in classifier_module_names(tuner.model)) if new_head else ()
-        run_state.load_weights_checked(tuner.model, state, path, skip)
-        tuner.epoch = 0 if new_head else run.epoch
-        tuner.calibration = None if new_head else run.calibration
-        tuner.thresholds = None if new_head else run.thresholds
-        tuner.checkpoint_metadata = meta
-        tuner.model.eval()
-        return tuner
+        return load_run(cls, path, device, classes, num_classes, adapt_head, config_overrides)

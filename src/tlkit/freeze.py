@@ -9,25 +9,25 @@ pure functions of ``(model, epoch)``:
 
 `FreezePolicy.apply` is the only place in tlkit that sets ``requires_grad``.
 
-Parameter groups ("stages") come from timm's own ``group_matcher(coarse=True)`` via
-``timm.models.group_parameters``, with the classifier split off as a final ``head`` group, so an
-integer depth means the same thing on every family (fastai's ``freeze_to`` semantics).
+Depth counts stages (`tlkit.stages.parameter_groups`: timm's own stage grouping with the
+classifier split off as a final ``head`` group), so an integer depth means the same thing on
+every family (fastai's ``freeze_to`` semantics).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tlkit._introspect import architecture_name, batchnorm_modules, classifier_module_names, classifier_param_names
+from tlkit._introspect import architecture_name, batchnorm_modules, classifier_module_names
 from tlkit._strict import StrictModel
 from tlkit.lora import LoraSettings, inject_lora, lora_param_names
 from tlkit.schedule import cosine_lr_factor  # noqa: F401  (its old home; tlkit.schedule owns it)
+from tlkit.stages import ParamGroup, parameter_groups
 
 __all__ = [
     "Phase",
@@ -64,139 +64,6 @@ class Phase(StrictModel):
     batchnorm: BatchNormPolicy | None = Field(None, description="New BatchNorm policy (see FreezePolicy.batchnorm).")
     layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="New layer-wise LR decay, in (0, 1].")
     backbone_lr_scale: float | None = Field(None, gt=0.0, description="New LR scale of every group but the head.")
-
-
-@dataclass(frozen=True)
-class ParamGroup:
-    """One stage of a model: a name and its parameter names, in model order."""
-
-    name: str
-    param_names: tuple[str, ...]
-
-
-def _prefix_counts(names: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in names:
-        parts = n.split(".")
-        for k in range(1, len(parts)):
-            key = ".".join(parts[:k])
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def _group_label(names: list[str], all_counts: dict[str, int]) -> str:
-    # Each parameter's owner: the shortest module prefix whose parameters all lie in this group
-    # ("layer1" rather than "layer1.0"; a bare parameter such as "cls_token" owns itself).
-    # Owners joined by "+" ("conv1+bn1", "blocks.6+conv_head+bn2"); more than three: "a..b".
-    mine = _prefix_counts(names)
-    owners: list[str] = []
-    for n in names:
-        parts = n.split(".")
-        owner = next((".".join(parts[:k]) for k in range(1, len(parts))
-                      if mine[".".join(parts[:k])] == all_counts[".".join(parts[:k])]), n)
-        owners.append(owner)
-    owners = list(dict.fromkeys(owners))  # in first-seen order
-    return "+".join(owners) if len(owners) <= 3 else f"{owners[0]}..{owners[-1]}"
-
-
-def _matcher_groups(model: nn.Module) -> list[list[str]]:
-    # timm's stage-level grouping; some families raise (RDNet asserts coarse=False) or have none.
-    matcher = getattr(model, "group_matcher", None)
-    if not callable(matcher):
-        return []
-    from timm.models import group_parameters
-
-    try:
-        grouped = group_parameters(model, matcher(coarse=True))
-    except Exception:  # noqa: BLE001 - any failure of a model's matcher means: use the fallbacks
-        return []
-    return [list(v) for _, v in sorted(grouped.items())]
-
-
-def _feature_info_groups(model: nn.Module, all_names: list[str]) -> list[list[str]]:
-    # The stages timm itself reports for features_only: each feature_info module ends a stage;
-    # parameters before the first are the stem, those after the last join it.
-    info = getattr(model, "feature_info", None)
-    modules = [i.get("module") for i in info] if isinstance(info, list) and info and isinstance(info[0], dict) else []
-    if not modules or not all(isinstance(m, str) and m for m in modules):
-        return []
-    order = [n.removesuffix(".") for n in modules]
-    groups: list[list[str]] = [[] for _ in range(len(order) + 1)]
-    stage = 0
-    for n in all_names:
-        hit = [i for i, m in enumerate(order) if n.startswith(m + ".")]
-        if hit:
-            stage = hit[0] + 1
-        groups[stage].append(n)
-    return [g for g in groups if g]
-
-
-def _child_groups(model: nn.Module, all_names: list[str]) -> list[list[str]]:
-    # One group per top-level child; a top-level list of blocks ("stages", "blocks", "layers")
-    # gives one group per item, so stage freezing still means something.
-    by_key: dict[str, list[str]] = {}
-    for n in all_names:
-        parts = n.split(".")
-        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
-        by_key.setdefault(key, []).append(n)
-    return list(by_key.values())
-
-
-def _merge_norm_only(raw: list[list[str]], params: dict[str, torch.Tensor]) -> list[list[str]]:
-    # A group of 1-d parameters only (a trailing norm, a lone scale) is not a stage: it joins the
-    # stage before it (the first one: the stage after it), so depth counts real stages.
-    out: list[list[str]] = []
-    pending: list[str] = []
-    for names in raw:
-        if all(params[n].ndim <= 1 for n in names):
-            if out:
-                out[-1] = out[-1] + names
-            else:
-                pending += names
-            continue
-        out.append(pending + names)
-        pending = []
-    if pending:
-        out.append(pending)
-    return out
-
-
-def parameter_groups(model: nn.Module) -> list[ParamGroup]:
-    """Split a model's parameters into ordered stages, input side first, ``head`` last.
-
-    Stages come from the model's ``group_matcher(coarse=True)`` (timm's stage-level grouping);
-    where a family has none or it fails (RDNet), from ``feature_info`` (the stages timm reports
-    for ``features_only``), else one group per top-level child (a top-level block list gives one
-    group per block). A group of 1-d parameters only (a trailing norm timm's matcher leaves
-    unmatched) joins the stage before it. The classifier (`classifier_module_names`) always
-    forms the final group named ``"head"``; a group emptied by that split is dropped.
-
-    Args:
-        model: a timm model (any ``nn.Module`` works through the fallbacks).
-
-    Returns:
-        Groups in forward order; every parameter appears in exactly one group.
-    """
-    params = dict(model.named_parameters())
-    all_names = list(params)
-    head = set(classifier_param_names(model))
-    body_names = [n for n in all_names if n not in head]
-    raw = _matcher_groups(model) or _feature_info_groups(model, body_names) or _child_groups(model, body_names)
-    order = {n: i for i, n in enumerate(all_names)}
-    raw = [sorted((n for n in names if n not in head), key=order.__getitem__) for names in raw]
-    raw = _merge_norm_only([r for r in raw if r], params)
-    groups = []
-    used = {"head"}
-    counts = _prefix_counts(all_names)
-    for body in raw:
-        label = _group_label(body, counts)
-        if label in used:
-            label = f"{label}#{len(groups)}"
-        used.add(label)
-        groups.append(ParamGroup(label, tuple(body)))
-    if head:
-        groups.append(ParamGroup("head", tuple(n for n in all_names if n in head)))
-    return groups
 
 
 def _no_decay(name: str, patterns: set[str]) -> bool:
@@ -336,8 +203,10 @@ class FreezePolicy(StrictModel):
         Raises:
             ValueError: no parameter would train, or a pattern matches no parameter name.
         """
+        return self._trainable_names(model, epoch, parameter_groups(model))
+
+    def _trainable_names(self, model: nn.Module, epoch: int, groups: list[ParamGroup]) -> set[str]:
         s = self.at(epoch)
-        groups = parameter_groups(model)
         names = [n for n, _ in model.named_parameters()]
         if s.depth < 0 and (not groups or groups[-1].name != "head"):
             raise ValueError(
@@ -376,13 +245,16 @@ class FreezePolicy(StrictModel):
 
     def frozen_batchnorm_names(self, model: nn.Module, epoch: int = 0) -> set[str]:
         """Names of BatchNorm modules held in eval mode (running statistics frozen) at ``epoch``."""
+        return self._frozen_batchnorm_names(model, epoch, None)
+
+    def _frozen_batchnorm_names(self, model: nn.Module, epoch: int, trainable: set[str] | None) -> set[str]:
         s = self.at(epoch)
         bns = batchnorm_modules(model)
         if s.batchnorm == "frozen":
             return set(bns)
         if s.batchnorm == "trainable":
             return set()
-        trainable = self.trainable_names(model, epoch)
+        trainable = self.trainable_names(model, epoch) if trainable is None else trainable
         return {
             n for n, m in bns.items()
             if any(f"{n}.{p}" not in trainable for p, _ in m.named_parameters(recurse=False))
@@ -403,7 +275,7 @@ class FreezePolicy(StrictModel):
             ValueError: as `trainable_names`.
         """
         trainable = self.trainable_names(model, epoch)
-        frozen_bn = self.frozen_batchnorm_names(model, epoch)
+        frozen_bn = self._frozen_batchnorm_names(model, epoch, trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable)
             if name not in trainable:
@@ -417,8 +289,10 @@ class FreezePolicy(StrictModel):
 
     def lr_scales(self, model: nn.Module, epoch: int = 0) -> dict[str, float]:
         """Learning-rate multiplier of each parameter group (by group name) at ``epoch``."""
+        return self._lr_scales(parameter_groups(model), epoch)
+
+    def _lr_scales(self, groups: list[ParamGroup], epoch: int) -> dict[str, float]:
         s = self.at(epoch)
-        groups = parameter_groups(model)
         n = len(groups)
         return {
             g.name: s.layer_decay ** (n - 1 - i) * (1.0 if g.name == "head" else s.backbone_lr_scale)
@@ -447,15 +321,16 @@ class FreezePolicy(StrictModel):
             weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
             only: restrict to these parameter names (used to add newly unfrozen ones).
         """
-        trainable = self.trainable_names(model, epoch)
+        groups = parameter_groups(model)  # the stages, computed once for the whole call
+        trainable = self._trainable_names(model, epoch, groups)
         if only is not None:
             trainable &= only
-        scales = self.lr_scales(model, epoch)
+        scales = self._lr_scales(groups, epoch)
         params = dict(model.named_parameters())
         # timm matches no_weight_decay() names as fnmatch patterns ("pos_embed.*", XCiT).
         skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
         out = []
-        for g in parameter_groups(model):
+        for g in groups:
             for decay in (True, False):
                 names = [
                     n for n in g.param_names if n in trainable

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -14,7 +13,8 @@ from tlkit._introspect import architecture_name as _arch
 from tlkit._introspect import classifier_module_names, classifier_param_names
 from tlkit.config import HeadConfig
 
-__all__ = ["HeadReplacer", "TaskHead", "check_head_width", "classifier_module_names", "classifier_param_names", "head_width"]
+__all__ = ["HeadReplacer", "TaskHead", "check_head_width", "classifier_module_names", "classifier_param_names",
+           "head_config_for", "head_width"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -201,15 +201,31 @@ def _set_num_classes(model: nn.Module, name: str, num_classes: int) -> None:
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are ``meta`` tensors (no data copied)."""
-    memo: dict[int, object] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    twin = copy.deepcopy(model, memo)
-    for m in twin.modules():
-        m._tlkit_twin = True
-    return twin
+    """A structural copy of ``model``: every module copied, parameters and buffers as ``meta`` tensors.
+
+    Each module is a shallow copy with its own child, parameter and buffer tables, so whatever
+    ``reset_classifier`` replaces on the twin leaves the model as it was; the rest of a module's
+    attributes are shared, not deep-copied (a deep copy of a large model's module tree cost more
+    than finding its head).
+    """
+    tensors: dict[int, torch.Tensor] = {}
+
+    def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in tensors:  # a tied tensor stays one tensor in the twin
+            m = torch.empty_like(t, device="meta")
+            tensors[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return tensors[id(t)]
+
+    copies = {id(m): copy.copy(m) for m in model.modules(remove_duplicate=False)}
+    for m in model.modules():
+        twin = copies[id(m)]
+        twin._modules = {k: copies[id(c)] if c is not None else None for k, c in m._modules.items()}
+        twin._parameters = {k: meta(t) for k, t in m._parameters.items()}
+        twin._buffers = {k: meta(t) for k, t in m._buffers.items()}
+        twin._tlkit_twin = True
+    return copies[id(model)]
 
 
 def _out_width(m: nn.Module) -> int | None:
@@ -303,3 +319,29 @@ def check_head_width(model: nn.Module, classes: list[str]) -> None:
     if width is not None and width != len(classes):
         raise ValueError(f"{_arch(model)}: its classifier has {width} outputs but {len(classes)} class names were "
                          f"given; replace it first: HeadReplacer(num_classes={len(classes)}).apply(model)")
+
+
+def head_config_for(model: nn.Module, classes: list[str], head: HeadConfig | None = None) -> HeadConfig:
+    """The head config of ``model`` for ``classes``: ``head`` completed, or read off a `TaskHead`.
+
+    Raises:
+        ValueError: fewer than 2 classes, or a ``head.num_classes`` that is not ``len(classes)``.
+    """
+    if len(classes) < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {classes}: add a folder per class")
+    head = head or _read_head_config(model)
+    if head.num_classes is None:
+        head = head.model_copy(update={"num_classes": len(classes)})
+    if head.num_classes != len(classes):
+        raise ValueError(f"head has {head.num_classes} classes but {len(classes)} class names were given")
+    return head
+
+
+def _read_head_config(model: nn.Module) -> HeadConfig:
+    head = model.get_submodule(classifier_module_names(model)[0])
+    if not isinstance(head, TaskHead):
+        return HeadConfig()
+    hidden = head.hidden.out_features if hasattr(head, "hidden") else None
+    act = next((k for k, v in {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}.items()
+                if hasattr(head, "act") and isinstance(head.act, v)), "relu")
+    return HeadConfig(dropout=head.drop.p, hidden_dim=hidden, activation=act)

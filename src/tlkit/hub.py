@@ -31,7 +31,7 @@ from tlkit.head import TaskHead
 from tlkit.lora import has_lora, merged_copy
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["check_timm_folder", "load_pretrained", "push_to_hub", "save_pretrained", "timm_state_dict"]
 
@@ -59,7 +59,7 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _plain_timm_model(tuner: FineTuner) -> nn.Module:
+def _plain_timm_model(tuner: Run) -> nn.Module:
     """A fresh timm model with the tuner's weights and ``num_classes``; checked to give the same logits."""
     kwargs = dict(tuner.backbone.model_kwargs)
     plain = timm.create_model(tuner.backbone.name, pretrained=False, num_classes=len(tuner.classes), **kwargs)
@@ -76,7 +76,7 @@ def _plain_timm_model(tuner: FineTuner) -> nn.Module:
     return plain
 
 
-def save_pretrained(tuner: FineTuner, path: str | Path) -> Path:
+def save_pretrained(tuner: Run, path: str | Path) -> Path:
     """Write ``tuner``'s model as a plain timm folder that ``timm.create_model("local-dir:PATH")`` loads.
 
     Args:
@@ -132,7 +132,7 @@ def _umask() -> int:
     return mask
 
 
-def _model_card(tuner: FineTuner, source: str) -> str:
+def _model_card(tuner: Run, source: str) -> str:
     """The folder's README.md: a hub model card (front matter for the hub, then the facts to use it)."""
     from tlkit._text import markdown_text
     from tlkit._version import __version__
@@ -203,7 +203,8 @@ def _class_names(names: Any, file: Path) -> list[str]:
     """``label_names`` checked as a checkpoint's class names are: 2 to 100,000 unique, printable, short."""
     from pydantic import TypeAdapter, ValidationError
 
-    from tlkit._header import MAX_CLASSES, Text
+    from tlkit._header import Text
+    from tlkit.config import MAX_CLASSES
 
     if not (isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES):
         raise ValueError(f"{file}: label_names must list the class names (at least 2 strings, at most {MAX_CLASSES})")
@@ -273,8 +274,7 @@ def _check_fits_on_meta(arch: str, n: int, kwargs: dict[str, Any], weights: Path
     from safetensors import safe_open
 
     from tlkit._meta_check import build_on_meta
-    from tlkit._training.state import check_tensors_match
-    from tlkit.checkpoint import CheckpointError
+    from tlkit.checkpoint import CheckpointError, check_tensors_match
 
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -334,7 +334,7 @@ def check_timm_folder(path: str | Path, model: nn.Module, x: torch.Tensor) -> fl
     return logit_gap(model, x, timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval())
 
 
-def push_to_hub(tuner: FineTuner, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
+def push_to_hub(tuner: Run, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
     """Upload `save_pretrained`'s folder (weights, ``config.json`` and its ``README.md`` model card) to the
     Hugging Face hub (needs ``huggingface_hub`` and a token).
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["TopLoss", "most_confused", "plot_top_losses", "top_losses"]
 
@@ -42,7 +42,7 @@ class TopLoss:
     loss: float
 
 
-def top_losses(tuner: FineTuner, data: Any, k: int = 9) -> list[TopLoss]:
+def top_losses(tuner: Run, data: Any, k: int = 9) -> list[TopLoss]:
     """The ``k`` photos of ``data`` (an `ImageFolderDataset` with the tuner's classes) with the highest loss.
 
     Returns:

@@ -30,13 +30,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlkit._training.runfiles import run_file_writes
+from tlkit._runfiles import run_file_writes
 from tlkit._version import __version__
 from tlkit.callbacks import Callback
 from tlkit.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["CSVLogger", "MLflowLogger", "TensorBoardLogger", "logger_callbacks", "record_scalars", "run_params"]
 
@@ -50,7 +50,7 @@ def _require(module: str, extra: str, what: str) -> None:
         raise ImportError(f"{what} needs the '{module}' package: pip install 'tlkit[{extra}]'")
 
 
-def _run_folder(tuner: FineTuner, given: str | Path | None, default: str, what: str) -> Path:
+def _run_folder(tuner: Run, given: str | Path | None, default: str, what: str) -> Path:
     """``given``, else ``OUTPUT_DIR/default``.
 
     Raises:
@@ -103,13 +103,13 @@ class CSVLogger(Callback):
         self.path = Path(path) if path is not None else None
         self._file: Path | None = None
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         self._file = _run_folder(tuner, self.path, "metrics.csv", "CSVLogger")
         if tuner.is_main:  # a write killed halfway leaves its temporary file behind
             for tmp in self._file.parent.glob(f".{self._file.name}.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         if not tuner.is_main or self._file is None:
             return
         rows = [record_scalars(r, tuner.classes) for r in tuner.history]
@@ -161,7 +161,7 @@ class TensorBoardLogger(Callback):
         self.writer: Any = None  # torch.utils.tensorboard.SummaryWriter on the main process
         self._sum, self._seen = 0.0, 0
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         folder = _run_folder(tuner, self.log_dir, "tensorboard", "TensorBoardLogger")
         self._close()  # a callback object reused for a second fit
         self._sum, self._seen = 0.0, 0
@@ -172,7 +172,7 @@ class TensorBoardLogger(Callback):
         restart = folder.is_dir() and any(folder.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(str(folder), purge_step=tuner.step + 1 if restart else None)
 
-    def on_train_batch_end(self, tuner: FineTuner, loss: float, batch_size: int) -> None:
+    def on_train_batch_end(self, tuner: Run, loss: float, batch_size: int) -> None:
         if self.writer is None:
             return
         self._sum, self._seen = self._sum + loss * batch_size, self._seen + batch_size
@@ -180,7 +180,7 @@ class TensorBoardLogger(Callback):
             self.writer.add_scalar("train/loss", self._sum / self._seen, global_step=tuner.step)
             self._sum, self._seen = 0.0, 0
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         if self.writer is None:
             return
         tags = {"train/epoch_loss": "train_loss", "val/loss": "val_loss", "val/top1": "top1",
@@ -198,11 +198,11 @@ class TensorBoardLogger(Callback):
         # Flushed before the resume state is written: a kill after it never loses this epoch.
         self.writer.flush()
 
-    def on_checkpoint_saved(self, tuner: FineTuner, paths: dict[str, Path]) -> None:
+    def on_checkpoint_saved(self, tuner: Run, paths: dict[str, Path]) -> None:
         if self.writer is not None:
             self.writer.flush()
 
-    def on_fit_end(self, tuner: FineTuner) -> None:
+    def on_fit_end(self, tuner: Run) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -234,7 +234,7 @@ def _metric_key(key: str) -> str:
     return f"{head}/{clean}" if sep else clean
 
 
-def run_params(tuner: FineTuner) -> dict[str, str]:
+def run_params(tuner: Run) -> dict[str, str]:
     """The parameters `MLflowLogger` records: backbone, head, freeze policy and TrainConfig, flattened.
 
     Returns:
@@ -289,7 +289,7 @@ class MLflowLogger(Callback):
         self.run_id, self.last_epoch = state.get("run_id"), int(state.get("last_epoch", 0))
         self._restored = True
 
-    def _uri(self, tuner: FineTuner) -> tuple[str, Path | None]:
+    def _uri(self, tuner: Run) -> tuple[str, Path | None]:
         """The tracking URI, and the artifact folder when it is the default local store."""
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
@@ -297,7 +297,7 @@ class MLflowLogger(Callback):
         db = _run_folder(tuner, None, "mlflow.db", "MLflowLogger").resolve()
         return f"sqlite:///{db}", db.with_name("mlartifacts")
 
-    def on_fit_start(self, tuner: FineTuner, train: Any, val: Any) -> None:
+    def on_fit_start(self, tuner: Run, train: Any, val: Any) -> None:
         uri, artifacts = self._uri(tuner)
         if not tuner.is_main:
             return
@@ -333,7 +333,7 @@ class MLflowLogger(Callback):
         self.client.update_run(self.run_id, status="RUNNING")
         return True
 
-    def _start_run(self, tuner: FineTuner, artifacts: Path | None) -> None:
+    def _start_run(self, tuner: Run, artifacts: Path | None) -> None:
         from mlflow.entities import Param
 
         found = self.client.get_experiment_by_name(self.experiment)
@@ -353,7 +353,7 @@ class MLflowLogger(Callback):
         """The highest step of ``train_loss`` (every epoch record has one) in the run; 0 if none."""
         return max((m.step for m in self.client.get_metric_history(self.run_id, "train_loss")), default=0)
 
-    def on_epoch_end(self, tuner: FineTuner, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, tuner: Run, record: dict[str, Any]) -> None:
         epoch = int(record["epoch"])
         if self.client is None or epoch <= self.last_epoch:
             return
@@ -367,7 +367,7 @@ class MLflowLogger(Callback):
             self.client.log_batch(self.run_id, metrics=chunk)
         self.last_epoch = epoch
 
-    def on_fit_end(self, tuner: FineTuner) -> None:
+    def on_fit_end(self, tuner: Run) -> None:
         if self.client is not None:
             self.client.set_terminated(self.run_id, status="FINISHED")
 

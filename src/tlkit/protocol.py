@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlkit._origin import sign_run_config
 from tlkit.config import DatasetConfig, RunConfig
 
 __all__ = ["ProtocolResult", "cross_validate", "repeat_seeds"]
@@ -64,17 +63,13 @@ class ProtocolResult:
 
 
 def _run_once(config: RunConfig, label: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    from tlkit.data import load_datasets
-    from tlkit.finetuner import FineTuner
-    from tlkit.runlock import check_run_folder
+    from tlkit.datasets import load_datasets
+    from tlkit.run import fit_run, prepare_run
 
     train, val = load_datasets(config.data)
-    tuner = FineTuner.from_config(config, train.classes)
-    check_run_folder(config.output_dir)  # before config.yaml: a finished run is never touched
-    config.to_file(Path(config.output_dir) / "config.yaml")
-    sign_run_config(config.output_dir)
+    config, tuner = prepare_run(config, train, val)  # the run start of tlkit train and the example
     t0 = time.perf_counter()
-    tuner.fit(train, val)
+    fit_run(tuner, config, train, val)  # a finished run in the folder is refused, never touched
     seconds = time.perf_counter() - t0
     m = tuner.evaluate(val)
     run = {"run": label, "top1": m.top1, "macro_f1": m.macro_f1, "per_class_recall": m.per_class_recall,

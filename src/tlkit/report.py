@@ -25,7 +25,7 @@ from tlkit.checkpoint import atomic_write_bytes
 from tlkit.metrics import ClassificationMetrics
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = [
     "class_report",
@@ -167,7 +167,7 @@ def class_report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(tuner: FineTuner, report: dict[str, Any], data: dict[str, Any] | None = None) -> str:
+def model_card(tuner: Run, report: dict[str, Any], data: dict[str, Any] | None = None) -> str:
     """A Markdown model card (after Mitchell et al., 2019, "Model Cards for Model Reporting").
 
     Args:
@@ -236,7 +236,7 @@ def calibration_markdown(report: dict[str, Any]) -> str:
             "split that also chose this checkpoint, so they are optimistic on other photos.\n")
 
 
-def shipped_metrics(tuner: FineTuner) -> tuple[dict[str, Any], ClassificationMetrics] | None:
+def shipped_metrics(tuner: Run) -> tuple[dict[str, Any], ClassificationMetrics] | None:
     """The validation record and metrics of the checkpoint a run folder ships, or ``None`` (no validation).
 
     That is the best epoch (``tuner.best``, what ``best.safetensors`` holds and `FineTuner.load`
@@ -266,7 +266,7 @@ class _LabelSummary:
                 "loss": r["val_loss"]}
 
 
-def write_run_report(tuner: FineTuner, out_dir: str | Path, data: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_run_report(tuner: Run, out_dir: str | Path, data: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write the plots, ``report.md`` / ``report.json`` and ``MODEL_CARD.md`` for a finished run.
 
     The metrics are those of the best epoch in ``tuner.history`` (what ``best.safetensors``

@@ -20,15 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tlkit import FineTuner
+from tlkit._guard import claim_run_folder, run_guard
 from tlkit._origin import sign_run_config
+from tlkit._signals import exit_status
 from tlkit._text import escape_control
-from tlkit._training.guard import claim_run_folder, run_guard
-from tlkit._training.signals import exit_status
 from tlkit.backbone import resolve_run_config
 from tlkit.callbacks import Callback
 from tlkit.config import RunConfig
 from tlkit.data import ImageFolderDataset
-from tlkit.finetuner import FineTuner
 from tlkit.pretrained import describe_source
 from tlkit.recipes import adapt_to_data
 
@@ -159,7 +159,8 @@ def fit_run(tuner: FineTuner, config: RunConfig, train: Any, val: Any = None, *,
             announce(f"machine {describe_machine(tuner)}")
             announce(f"backbone {describe_source(config.backbone)}")
             announce(f"run folder {config.output_dir}" + (" (resumed)" if resume else ""))
-        return tuner.fit(train, val, resume=resume, overwrite=overwrite)
+        # The folder was claimed (and, with overwrite, emptied) above: fit must not delete the config just recorded.
+        return tuner.fit(train, val, resume=resume)
 
 
 def describe_machine(tuner: FineTuner) -> str:

@@ -59,7 +59,7 @@ try:
 except ImportError:  # POSIX
     msvcrt = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "OutputDirError", "RunExistsError", "RunLock", "RunLockedError", "check_run_folder", "held_lock", "run_files_in"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "RUN_RECORDS", "OutputDirError", "RunExistsError", "RunLock", "RunLockedError", "check_run_folder", "held_lock", "run_files_in"]
 
 LOCK_NAME = ".tlkit.lock"
 _WINDOWS_LOCK_OFFSET = 1 << 30  # a locked region cannot be read by others on Windows: lock past the content
@@ -84,21 +84,38 @@ class RunLockedError(RuntimeError):
 
 
 RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl", "report.json", "report.md",
-             "MODEL_CARD.md", "curves.png", "confusion_matrix.png", "top_losses.png")
-"""The files a training run writes into its folder (``config.yaml`` aside: the CLI writes it first)."""
+             "MODEL_CARD.md", "curves.png", "confusion_matrix.png", "top_losses.png",
+             "metrics.csv", "tensorboard", "mlflow.db", "mlartifacts")
+"""Every file (and folder) a training run and its loggers write into the run folder: the one list
+that says whether a folder holds a run, and what ``overwrite`` removes. ``config.yaml`` and its
+signature (`RUN_RECORDS`) are written before the run starts and are not a run by themselves."""
+
+RUN_RECORDS = ("config.yaml", ".tlkit-origin")
+"""What starting a run records before training (`tlkit.run.record_config`); replaced with the run."""
 
 
 def run_files_in(folder: str | Path) -> list[str]:
     """The names of `RUN_FILES` that exist in ``folder`` (none when it does not exist)."""
-    return [name for name in RUN_FILES if (Path(folder) / name).exists()]
+    return [name for name in RUN_FILES if os.path.lexists(Path(folder) / name)]
+
+
+def _remove(path: Path) -> None:
+    """Delete a run file or folder; a symbolic link is removed itself, never what it points at."""
+    import shutil
+
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
 
 
 def check_run_folder(folder: str | Path, *, overwrite: bool = False) -> list[str]:
     """Make sure a new run may start in ``folder``: no other run's files, or ``overwrite``.
 
     Call it before writing anything of the new run (a ``config.yaml``); `FineTuner.fit` calls it
-    itself. With ``overwrite`` the old run's `RUN_FILES` are deleted (stale ones would lie about
-    the new run, such as a ``best.safetensors`` it never wrote).
+    itself. With ``overwrite`` the old run's `RUN_FILES` and `RUN_RECORDS` are deleted (stale ones
+    would lie about the new run, such as a ``best.safetensors`` it never wrote, or a
+    ``metrics.csv`` of a logger it does not use).
 
     Returns:
         The names of the files deleted.
@@ -109,8 +126,9 @@ def check_run_folder(folder: str | Path, *, overwrite: bool = False) -> list[str
     found = run_files_in(folder)
     if found and not overwrite:
         raise RunExistsError(Path(folder), found)
-    for name in found:
-        (Path(folder) / name).unlink()
+    if overwrite:
+        for name in [*found, *RUN_RECORDS]:
+            _remove(Path(folder) / name)
     return found
 
 

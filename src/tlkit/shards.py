@@ -23,10 +23,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -176,7 +175,7 @@ def _prepare(backbone: BackboneConfig, rt) -> _Candidate:
 def _features(candidates: list[_Candidate], data: ImageFolderDataset, rt, batch_size: int,
               num_workers: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every candidate's pooled features from one pass over the images: each file is decoded once."""
-    from tlkit._training.loaders import eval_loader
+    from tlkit._loaders import eval_loader
 
     # One decode serves every backbone: decoded at the largest size any eval transform needs.
     views = data.with_transform(_Views([c.transform for c in candidates]), max(c.draft for c in candidates))
@@ -221,7 +220,7 @@ def rank_backbones(data: ImageFolderDataset, backbones: Sequence[BackboneConfig]
     Raises:
         ValueError / RuntimeError / FileNotFoundError: as `tlkit.create_backbone`.
     """
-    from tlkit._training.runtime import Runtime, resolve_device, resolve_precision
+    from tlkit._runtime import Runtime, resolve_device, resolve_precision
 
     if not backbones:
         raise ValueError("rank_backbones needs at least one backbone")

@@ -57,9 +57,10 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     boxes = [(top, left), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4 else torch.contiguous_format
     crops = [
-        F.interpolate(x[..., t:t + ch, l:l + cw], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        F.interpolate(x[..., t:t + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False,
+                      antialias=True)
         .contiguous(memory_format=fmt)
-        for t, l in boxes
+        for t, left in boxes
     ]
     return crops + [c.flip(-1) for c in crops]
 

@@ -10,16 +10,16 @@ from torch import nn
 from tlkit.soup import interpolate
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["capture_anchor", "shipped_module"]
 
 
-def _base(tuner: FineTuner) -> nn.Module:
+def _base(tuner: Run) -> nn.Module:
     return tuner.ema.module if tuner.ema is not None else tuner.model
 
 
-def capture_anchor(tuner: FineTuner, index: int) -> None:
+def capture_anchor(tuner: Run, index: int) -> None:
     """With ``TrainConfig.wise_ft``, keep the weights at the start of the first phase boundary
     (the end of the head-only phase: the linear probe) as the WiSE-FT anchor, once."""
     bounds = tuner.policy.boundaries()
@@ -28,7 +28,7 @@ def capture_anchor(tuner: FineTuner, index: int) -> None:
     tuner.wise_anchor = {k: v.detach().to("cpu", copy=True) for k, v in _base(tuner).state_dict().items()}
 
 
-def shipped_module(tuner: FineTuner) -> nn.Module:
+def shipped_module(tuner: Run) -> nn.Module:
     """The module whose weights are validated, written to checkpoints and kept after fit.
 
     The EMA of the weights if ``ema_decay`` is set, else the model; with ``wise_ft`` and an

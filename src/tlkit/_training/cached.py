@@ -9,21 +9,21 @@ import torch
 from tqdm.auto import tqdm
 
 from tlkit._introspect import classifier_module_names
-from tlkit._training.loaders import eval_loader, prepare_dataset
-from tlkit._training.rng import seeded
+from tlkit._loaders import eval_loader, prepare_dataset
+from tlkit._rng import seeded
 from tlkit.distributed import broadcast_object, gather_shards
 from tlkit.features import FeatureCache, extract_features, weights_digest
 
 if TYPE_CHECKING:
+    from tlkit._protocols import Run
     from tlkit.data import ImageFolderDataset
-    from tlkit.finetuner import FineTuner
 
 __all__ = ["cached_features"]
 
 Features = tuple[torch.Tensor, torch.Tensor]
 
 
-def _key_and_transform(tuner: FineTuner, data: ImageFolderDataset, view: int | None):
+def _key_and_transform(tuner: Run, data: ImageFolderDataset, view: int | None):
     if view is None:
         transform, desc, ctx = tuner.eval_transform, f"eval|{tuner.eval_transform!r}|draft={tuner.draft_size}", None
     else:
@@ -35,7 +35,7 @@ def _key_and_transform(tuner: FineTuner, data: ImageFolderDataset, view: int | N
     return key, transform, ctx
 
 
-def cached_features(tuner: FineTuner, data: ImageFolderDataset, view: int | None = None) -> Features:
+def cached_features(tuner: Run, data: ImageFolderDataset, view: int | None = None) -> Features:
     """See `FineTuner.cached_features`."""
     key, transform, ctx = _key_and_transform(tuner, data, view)
     rt = tuner.runtime

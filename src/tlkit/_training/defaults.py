@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 from tlkit.callbacks import Callback, CallbackList, EarlyStopping, EpochLogger, ProgressBar, RunReport, TimeBudget
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["default_callbacks"]
 
 
-def default_callbacks(tuner: FineTuner, user: Sequence[Callback] = ()) -> CallbackList:
+def default_callbacks(tuner: Run, user: Sequence[Callback] = ()) -> CallbackList:
     """The built-in callbacks a `TrainConfig` asks for, the user's, then the loggers, in that order.
 
     The loggers (``TrainConfig.loggers``) come last, so what a user's ``on_epoch_end`` adds to the

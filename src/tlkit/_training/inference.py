@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from tlkit._runtime import Runtime, eval_mode
 from tlkit._text import escape_control
-from tlkit._training.runtime import Runtime, eval_mode
 from tlkit.distributed import all_reduce_sum
-from tlkit.images import SkippedImageWarning, expand_image_paths
+from tlkit.images import SkippedImageWarning, expand_image_paths, load_image, to_rgb
 from tlkit.metrics import ClassificationMetrics, MultiLabelMetrics
 from tlkit.tta import tta_log_probs
 
-__all__ = ["Prediction", "log_probs", "evaluate_loader", "classify", "error_handler", "predict_batches", "predict_items"]
+__all__ = ["Prediction", "prepare_input", "log_probs", "evaluate_loader", "classify", "error_handler", "predict_batches", "predict_items"]
 
 
 @dataclass
@@ -274,3 +275,20 @@ def predict_batches(model: nn.Module, items: list[Any], prepare: Callable[[Any],
                 preds = classify(model, x, classes, runtime, tta, top_k, calibration, thresholds)
                 out += [replace(p, path=_source(chunks[k][i])) for p, i in zip(preds, kept)]
     return out
+
+
+def prepare_input(item: Any, transform: Callable[[Image.Image], torch.Tensor], draft_size: int | None,
+                  max_pixels: int | None, max_bytes: int | None) -> torch.Tensor:
+    """One model input, float32 ``(3, H, W)``: a file or PIL image through ``transform``, a tensor as is.
+
+    Raises:
+        BadImageError: an unreadable file, or one over ``max_pixels`` / ``max_bytes``.
+        TypeError: an unsupported input type.
+    """
+    if isinstance(item, (str, Path)):
+        return transform(load_image(item, max_pixels=max_pixels, max_bytes=max_bytes, draft_size=draft_size))
+    if isinstance(item, Image.Image):
+        return transform(to_rgb(item))
+    if isinstance(item, torch.Tensor) and item.ndim == 3:
+        return item
+    raise TypeError(f"cannot predict on {type(item).__name__}: pass paths, PIL images or (3, H, W) / (B, 3, H, W) tensors")

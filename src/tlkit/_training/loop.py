@@ -19,31 +19,32 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from tlkit._introspect import classifier_param_names
+from tlkit._loaders import eval_loader, prepare_dataset, steps_per_epoch, train_loader
+from tlkit._rng import rng_state, seed_everything
 from tlkit._training import state as run_state
 from tlkit._training.averaging import capture_anchor, shipped_module
+from tlkit._training.ddp import prepare_model_for_ddp
 from tlkit._training.inference import evaluate_loader
-from tlkit.calibration import calibration_summary
-from tlkit.metrics import tune_thresholds
-from tlkit._training.task import best_key, check_task
-from tlkit._training.loaders import eval_loader, prepare_dataset, steps_per_epoch, train_loader
 from tlkit._training.optim import build_criterion, class_weights, join_phase, new_optimizer, set_learning_rates
-from tlkit._training.rng import rng_state, seed_everything
 from tlkit._training.step import NonFiniteLossError, TrainStep
+from tlkit._training.task import best_key, check_task
+from tlkit.calibration import calibration_summary
 from tlkit.callbacks import CallbackList, improves
 from tlkit.data import ImageFolderDataset
 from tlkit.distributed import all_gather_object, all_reduce_sum, barrier
 from tlkit.features import classifier_is_last_step
 from tlkit.images import load_image
+from tlkit.metrics import tune_thresholds
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["FitLoop"]
 
 class FitLoop:
     """Trains ``tuner`` on ``train`` for ``tuner.config.epochs`` epochs (see `FineTuner.fit`)."""
 
-    def __init__(self, tuner: FineTuner, train: Any, val: Any, callbacks: CallbackList) -> None:
+    def __init__(self, tuner: Run, train: Any, val: Any, callbacks: CallbackList) -> None:
         self.tuner, self.train, self.val, self.callbacks = tuner, train, val, callbacks
         self.cfg = tuner.config
 
@@ -71,7 +72,7 @@ class FitLoop:
         t, cfg = self.tuner, self.cfg
         self._scan()
         if t.dist is not None:
-            t.prepare_distributed()
+            t.model = prepare_model_for_ddp(t.model, t.config, t.device)
         # A deterministic training transform (the eval transform itself) decodes JPEGs as eval
         # does, so cached-feature and full epochs see the same pixels.
         draft = t.draft_size if t.train_transform is t.eval_transform else None
@@ -104,8 +105,7 @@ class FitLoop:
         t, cfg = self.tuner, self.cfg
         t.policy.apply(t.model, 0)
         t.optimizer = new_optimizer(t.policy, t.model, cfg, 0, cfg.lr)
-        t.step, t.epoch, t.best, t.history, t.should_stop = 0, 0, {"metric": None, "epoch": None}, [], False
-        t.ema, t.wise_anchor, t.wise_twin = None, None, None
+        t.state.reset()  # the loop's counters, best and history start over (resume refills them)
         if cfg.ema_decay is not None:
             from timm.utils import ModelEmaV3
 
@@ -166,7 +166,7 @@ class FitLoop:
             data: Any = TensorDataset(*t.cached_features(self.train, view))
             forward = t.ddp_wrap(t.model.get_classifier())
         else:
-            data, forward = self.train_ds, t.ddp_wrap(t.forward_module())
+            data, forward = self.train_ds, t.ddp_wrap(t.runtime.forward(t.model))
         loader = train_loader(data, cfg.batch_size, seed=cfg.seed, epoch=index, dist=t.dist,
                               num_workers=cfg.num_workers, device=t.runtime.device, worker_init_fn=t.worker_init_fn,
                               sampler=cfg.sampler)
@@ -230,7 +230,7 @@ class FitLoop:
             data: Any = TensorDataset(*t.cached_features(self.val, None))
             forward = judged.get_classifier()
         else:
-            data, forward = self.val_ds, (judged if judged is not t.model else t.forward_module())
+            data, forward = self.val_ds, (judged if judged is not t.model else t.runtime.forward(t.model))
         loader, sharded = eval_loader(data, bs, dist=t.dist, num_workers=self.cfg.num_workers, device=rt.device,
                                       worker_init_fn=t.worker_init_fn)
         outputs: list[torch.Tensor] = []

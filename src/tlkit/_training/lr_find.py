@@ -7,27 +7,27 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from tlkit._training.loaders import prepare_dataset, train_loader
+from tlkit._loaders import prepare_dataset, train_loader
+from tlkit._rng import rng_state, set_rng_state
+from tlkit._runtime import make_grad_scaler
 from tlkit._training.optim import build_criterion, class_weights, new_optimizer
-from tlkit._training.rng import rng_state, set_rng_state
-from tlkit._training.runtime import make_grad_scaler
 from tlkit._training.step import NonFiniteLossError, TrainStep
 from tlkit.lr_finder import LRFinderResult
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["run_lr_find"]
 
 
-def _snapshot(tuner: FineTuner) -> tuple[dict, dict, dict, bool]:
+def _snapshot(tuner: Run) -> tuple[dict, dict, dict, bool]:
     model = tuner.model
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     return weights, grads, rng_state(), model.training
 
 
-def _restore(tuner: FineTuner, saved: tuple[dict, dict, dict, bool]) -> None:
+def _restore(tuner: Run, saved: tuple[dict, dict, dict, bool]) -> None:
     weights, grads, rng, was_training = saved
     tuner.model.load_state_dict(weights)
     for n, p in tuner.model.named_parameters():
@@ -37,9 +37,13 @@ def _restore(tuner: FineTuner, saved: tuple[dict, dict, dict, bool]) -> None:
     tuner.model.train(was_training)
 
 
-def run_lr_find(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, num_steps: int, epoch: int,
+def run_lr_find(tuner: Run, train: Any, start_lr: float, end_lr: float, num_steps: int, epoch: int,
                 diverge: float, smoothing: float) -> LRFinderResult:
     """Sweep, then put back weights, BatchNorm statistics, ``requires_grad`` flags and random state."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
     if tuner.dist is not None:
         raise RuntimeError("lr_find runs in one process: start it without torchrun (or with distributed='off')")
     saved = _snapshot(tuner)
@@ -50,7 +54,7 @@ def run_lr_find(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, nu
         _restore(tuner, saved)
 
 
-def _sweep(tuner: FineTuner, train: Any, start_lr: float, end_lr: float, num_steps: int, epoch: int,
+def _sweep(tuner: Run, train: Any, start_lr: float, end_lr: float, num_steps: int, epoch: int,
            diverge: float, smoothing: float) -> LRFinderResult:
     cfg, rt = tuner.config, tuner.runtime
     tuner.policy.apply(tuner.model, epoch)

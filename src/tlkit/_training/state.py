@@ -23,19 +23,26 @@ import torch
 from torch import nn
 
 from tlkit._header import unloadable_reason
+from tlkit._runfiles import run_file_writes
 from tlkit._training.averaging import shipped_module
-from tlkit._training.runfiles import run_file_writes
 from tlkit._version import __version__
-from tlkit.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, load_training_state,
-                              save_checkpoint, save_training_state)
+from tlkit.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_tensors_match,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from tlkit.runlock import RUN_FILES
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
-__all__ = ["RUN_FILES", "weights_fingerprint", "checkpoint_header", "assert_finite", "write_epoch",
+__all__ = ["weights_fingerprint", "checkpoint_header", "assert_finite", "write_epoch",
            "write_run_files", "state_path_for", "restore"]
 
-RUN_FILES = ("last.state.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 NUMBERING = "completed-epochs"  # marks states whose epochs are counts (tlkit > 0.1.0)
 
 
@@ -52,7 +59,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_header(tuner: FineTuner, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_header(tuner: Run, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON stored in every checkpoint's header (see `tlkit.checkpoint`).
 
     Warns (``UserWarning``) when `FineTuner.load` would refuse it, e.g. ``model_kwargs`` outside
@@ -98,7 +105,7 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in state.items()}
 
 
-def write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
+def write_epoch(tuner: Run, improved: bool, rng: list[dict[str, Any]],
                 callbacks: dict[str, Any]) -> dict[str, Path]:
     """Write the resume state, then the run files; ``rng`` holds every rank's RNG state, rank order.
 
@@ -109,7 +116,7 @@ def write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
         return _write_epoch(tuner, improved, rng, callbacks)
 
 
-def _write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
+def _write_epoch(tuner: Run, improved: bool, rng: list[dict[str, Any]],
                  callbacks: dict[str, Any]) -> dict[str, Path]:
     out = tuner.output_dir
     model = _cpu(tuner.model.state_dict())
@@ -126,7 +133,7 @@ def _write_epoch(tuner: FineTuner, improved: bool, rng: list[dict[str, Any]],
     return {"state": state_path, **write_run_files(tuner, best=improved)}
 
 
-def write_run_files(tuner: FineTuner, best: bool) -> dict[str, Path]:
+def write_run_files(tuner: Run, best: bool) -> dict[str, Path]:
     """``last.safetensors``, ``best.safetensors`` (if ``best``) and ``metrics.jsonl`` from the current state.
 
     Returns:
@@ -155,7 +162,7 @@ def clean_temp_files(output_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def state_path_for(tuner: FineTuner, resume: bool | str | Path) -> Path | None:
+def state_path_for(tuner: Run, resume: bool | str | Path) -> Path | None:
     """The resume state to load, or ``None`` when a run folder holds no run files yet (start at 0).
 
     Raises:
@@ -194,23 +201,6 @@ def load_weights_checked(model: nn.Module, state: dict[str, torch.Tensor], path:
     model.load_state_dict(state, strict=not skip_prefixes)
 
 
-def check_tensors_match(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse ``state`` unless it has exactly the names and shapes of ``own`` (a model's state_dict).
-
-    Raises:
-        CheckpointError: names the first missing, unexpected and reshaped tensors and the file.
-    """
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatches (file vs model) {shapes[:3]}"
-        )
-
-
 def _renumber_old(state: dict[str, Any]) -> None:
     """States of tlkit 0.1.0 index epochs from 0 in ``history`` and ``best``; count them instead."""
     if state.get("epoch_numbering") == NUMBERING:
@@ -223,7 +213,7 @@ def _renumber_old(state: dict[str, Any]) -> None:
         state["best"] = {**state["best"], "epoch": state["best"]["epoch"] + 1}
 
 
-def _restore_weights(tuner: FineTuner, state: dict[str, Any], state_path: Path) -> None:
+def _restore_weights(tuner: Run, state: dict[str, Any], state_path: Path) -> None:
     if "model" in state:
         weights_path = state_path
         load_weights_checked(tuner.model, state["model"], state_path)
@@ -235,7 +225,7 @@ def _restore_weights(tuner: FineTuner, state: dict[str, Any], state_path: Path) 
                               "(corrupted, or from another epoch)")
 
 
-def _restore_optimizer(tuner: FineTuner, state: dict[str, Any], state_path: Path, next_epoch: int) -> None:
+def _restore_optimizer(tuner: Run, state: dict[str, Any], state_path: Path, next_epoch: int) -> None:
     from tlkit._training.optim import join_phase
 
     # Replay the phase boundaries already passed so the optimizer's groups are the ones the
@@ -259,7 +249,7 @@ def _restore_optimizer(tuner: FineTuner, state: dict[str, Any], state_path: Path
             raise CheckpointError(f"{state_path}: EMA weights do not fit this model ({e})") from e
 
 
-def restore(tuner: FineTuner, state_path: Path, callbacks: Any) -> int:
+def restore(tuner: Run, state_path: Path, callbacks: Any) -> int:
     """Load a resume state into ``tuner`` (weights, optimizer, scaler, EMA, counters, RNG, callbacks).
 
     Each rank continues its own RNG stream when the world size is unchanged; otherwise every
@@ -271,7 +261,7 @@ def restore(tuner: FineTuner, state_path: Path, callbacks: Any) -> int:
     Raises:
         CheckpointError: the state is missing, corrupted, for other classes, or does not fit.
     """
-    from tlkit._training.rng import set_rng_state
+    from tlkit._rng import set_rng_state
 
     state = load_training_state(state_path)
     stored = state.get("classes")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tlkit._introspect import running_stats
-from tlkit._training.runtime import Runtime
+from tlkit._runtime import Runtime
 from tlkit.distributed import DistributedContext, all_reduce_sum
 
 __all__ = ["NonFiniteLossError", "TrainStep"]

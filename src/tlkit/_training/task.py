@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tlkit._protocols import Run
     from tlkit.config import TrainConfig
-    from tlkit.finetuner import FineTuner
 
 __all__ = ["best_key", "check_task"]
 
@@ -22,7 +22,7 @@ def best_key(config: TrainConfig, multilabel: bool) -> str:
     return key
 
 
-def check_task(tuner: FineTuner, train: Any) -> None:
+def check_task(tuner: Run, train: Any) -> None:
     """Refuse a multi-label dataset for a single-label head, or the other way round, before any work.
 
     Raises:

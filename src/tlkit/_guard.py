@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlkit._training.signals import interrupt_on_signals
+from tlkit._signals import interrupt_on_signals
 from tlkit.distributed import broadcast_object
 from tlkit.runlock import OutputDirError, RunExistsError, RunLock, RunLockedError, check_run_folder, held_lock
 
 if TYPE_CHECKING:
-    from tlkit.finetuner import FineTuner
+    from tlkit._protocols import Run
 
 __all__ = ["claim_run_folder", "run_lock", "run_guard"]
 
@@ -21,7 +21,7 @@ _guarded: set[str] = set()  # run folders this process is inside a run_lock bloc
 
 
 @contextlib.contextmanager
-def run_lock(tuner: FineTuner) -> Iterator[RunLock | None]:
+def run_lock(tuner: Run) -> Iterator[RunLock | None]:
     """Hold ``tuner.output_dir``'s `RunLock` for the block (nothing without an output folder).
 
     The lock is taken on the main process; under torchrun its refusal is sent to every rank so
@@ -63,13 +63,13 @@ def run_lock(tuner: FineTuner) -> Iterator[RunLock | None]:
 
 
 @contextlib.contextmanager
-def run_guard(tuner: FineTuner) -> Iterator[None]:
+def run_guard(tuner: Run) -> Iterator[None]:
     """`run_lock` plus SIGTERM raising `TrainingInterrupted` (a ``KeyboardInterrupt``), restored after."""
     with interrupt_on_signals(), run_lock(tuner):
         yield
 
 
-def claim_run_folder(tuner: FineTuner, *, resume: bool | str | Path = False, overwrite: bool = False) -> None:
+def claim_run_folder(tuner: Run, *, resume: bool | str | Path = False, overwrite: bool = False) -> None:
     """Refuse to start a new run over another run's files; with ``overwrite``, delete them first.
 
     Called under the run's lock, before anything is written. Resuming (``resume`` true) keeps

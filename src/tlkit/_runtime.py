@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["Runtime", "resolve_device", "resolve_precision", "denormals_flushed", "flush_denormal",
+from tlkit.config import TrainConfig
+from tlkit.distributed import DistributedContext, init_distributed
+
+__all__ = ["Runtime", "setup_runtime", "resolve_device", "resolve_precision", "denormals_flushed", "flush_denormal",
            "eval_mode", "make_grad_scaler"]
 
 
@@ -104,12 +107,23 @@ class Runtime:
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``), ``None`` for float32.
         channels_last: 4-D inputs are converted to ``torch.channels_last`` (faster convolutions).
         flush_denormals: flush subnormal floats on the CPU inside `cpu_flags`.
+        compile: run forward passes through ``torch.compile`` (`forward`).
     """
 
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     flush_denormals: bool = True
+    compile: bool = False
+    compiled: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)  # (model, its compiled wrapper)
+
+    def forward(self, model: nn.Module) -> nn.Module:
+        """``model``, or its ``torch.compile`` wrapper (same parameters, compiled once) with `compile`."""
+        if not self.compile:
+            return model
+        if self.compiled is None or self.compiled[0] is not model:
+            self.compiled = (model, torch.compile(model))
+        return self.compiled[1]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for `amp_dtype`, or a no-op context for float32."""
@@ -125,3 +139,23 @@ class Runtime:
     def cpu_flags(self) -> contextlib.AbstractContextManager:
         """The CPU floating-point settings for a fit/evaluate/predict call (denormal flushing)."""
         return flush_denormal(self.flush_denormals and self.device.type == "cpu")
+
+
+def setup_runtime(model: nn.Module, config: TrainConfig) -> tuple[DistributedContext | None, Runtime, nn.Module]:
+    """Join the process group (under torchrun), pick device, precision and memory format, move ``model``.
+
+    Returns:
+        ``(dist, runtime, model)``: the process's place in the group (``None`` alone), the
+        `Runtime`, and the model on the device (channels-last when chosen).
+    """
+    # Under torchrun, join the process group before picking the device (cuda:LOCAL_RANK).
+    dist = init_distributed(config.device) if config.distributed == "auto" else None
+    device = resolve_device(config.device)
+    if dist is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    channels_last = config.channels_last if config.channels_last is not None else has_conv
+    runtime = Runtime(device, resolve_precision(config.precision, device), channels_last, config.flush_denormal,
+                      config.compile)
+    model = model.to(device)
+    return dist, runtime, model.to(memory_format=torch.channels_last) if channels_last else model
