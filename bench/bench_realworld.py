@@ -15,8 +15,9 @@ Each row runs in its own process (one heavy job at a time on a small CPU) and wr
 ``OUT/rows/<row>.json``: softmax probabilities for both sets, training seconds, settings. The
 table gives top-1 with its 95% Wilson interval, macro-F1, per-class recall, expected calibration
 error (15 bins) and the accuracy at 80% coverage (the most confident 80% of photos), then the
-peers of `bench_peers.py` (fastai, Lightning, timm's train.py, the seed notebook) scored the
-same way when their rows are present (``--peers``). Nothing is asserted: the numbers belong to
+peers of `bench_peers.py` (fastai, Lightning, timm's train.py; rows ``fastai-lite0``,
+``lightning-lite0``, ``timm-lite0``, run when named in ``--rows``) scored the same way on their
+hard predictions. Nothing is asserted: the numbers belong to
 the machine, and one realworld-dev photo is 1.3 points.
 """
 
@@ -47,11 +48,14 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "finetune-strong-bg": ("mnv2", "finetune-strong", BG),
     "lp-ft": ("mnv2", "lp-ft", []),
     "lp-ft-wise": ("mnv2", "lp-ft", ["train.wise_ft=0.5"]),
-    "lp-ft-bg": ("mnv2", "lp-ft", BG),
     "lp-ft-bg-wise": ("mnv2", "lp-ft", [*BG, "train.wise_ft=0.5"]),
+    "lite0-probe": ("lite0", "linear-probe", []),
     "lite0-finetune-strong": ("lite0", "finetune-strong", []),
     "lite0-lp-ft-bg-wise": ("lite0", "lp-ft", [*BG, "train.wise_ft=0.5"]),
 }
+# The peers of bench_peers.py, trained as there (the whole pool, their own recipes) and scored on
+# the same photos. They give hard predictions only: no ECE, no coverage curve.
+PEERS = {"fastai-lite0": "row_fastai", "lightning-lite0": "row_lightning", "timm-lite0": "row_timm"}
 VAL_FRACTION = 0.1  # of the pool: chooses nothing, fits the temperature and the reject threshold
 
 
@@ -97,6 +101,27 @@ def backbone_config(which: str):
     from bench_peers import backbone_config as peers_backbone
 
     return peers_backbone(which)
+
+
+def run_peer(row: str, out: Path, epochs: int | None, timm_repo: Path | None) -> dict:
+    """A peer of bench_peers.py: one training, its predictions on TrashNet's held-out photos and every extra set."""
+    import bench_peers
+
+    split = json.loads((out / "split.json").read_text())
+    sets = {"trashnet": split["test"], **split["extra"]}
+    joined = {**split, "test": [item for items in sets.values() for item in items]}
+    work = out / "work" / row
+    work.mkdir(parents=True, exist_ok=True)
+    fn = getattr(bench_peers, PEERS[row])
+    res = fn(joined, work, epochs or 15, timm_repo) if row == "timm-lite0" else fn(joined, work, epochs or 15)
+    n = len(split["classes"])
+    one_hot = [[1.0 if c == y else 0.0 for c in range(n)] for y in res["pred"]]
+    result = {"train_seconds": res["train_seconds"], "settings": res["settings"], "hard": True, "sets": {}}
+    start = 0
+    for name, items in sets.items():
+        result["sets"][name] = one_hot[start:start + len(items)]
+        start += len(items)
+    return result
 
 
 def run_row(row: str, out: Path, epochs: int | None) -> dict:
@@ -153,8 +178,9 @@ def table(out: Path, rows: list[str]) -> str:
         for name, items in sets.items():
             m = scored(res["sets"][name], [y for _, y in items], split["classes"])
             recall = " ".join(f"{c[:4]} {v:.2f}" for c, v in m["recall"].items())
+            ece_cell, cover_cell = ("-", "-") if res.get("hard") else (f"{m['ece']:.3f}", f"{100 * m['acc80']:.1f}%")
             lines.append(f"| {row} | {name} | {100 * m['top1']:.1f}% ({100 * m['ci'][0]:.0f}-{100 * m['ci'][1]:.0f}) | "
-                         f"{m['macro_f1']:.3f} | {m['ece']:.3f} | {100 * m['acc80']:.1f}% | {recall} | "
+                         f"{m['macro_f1']:.3f} | {ece_cell} | {cover_cell} | {recall} | "
                          f"{res['train_seconds']:.0f} s |")
     lines += ["", "settings:"] + [f"- {r}: {json.loads((out / 'rows' / f'{r}.json').read_text())['settings']}"
                                   for r in rows if (out / "rows" / f"{r}.json").exists()]
@@ -165,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=SHARED / "trashnet")
     p.add_argument("--realworld", type=Path, default=SHARED / "realworld-dev")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *PEERS],
+                   help="default: every tlkit row; add the peers by name (fastai-lite0 lightning-lite0 timm-lite0)")
+    p.add_argument("--timm-repo", type=Path, help="a pytorch-image-models checkout (for timm-lite0's train.py)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-realworld")
     p.add_argument("--epochs", type=int, help="override every row's epoch count (smoke runs)")
     p.add_argument("--limit", type=int, help="use only the first N TrashNet photos of each class (smoke runs)")
@@ -174,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     if args.child:
-        result = run_row(args.child, args.out, args.epochs)
+        result = (run_peer(args.child, args.out, args.epochs, args.timm_repo) if args.child in PEERS
+                  else run_row(args.child, args.out, args.epochs))
         (args.out / "rows").mkdir(exist_ok=True)
         (args.out / "rows" / f"{args.child}.json").write_text(json.dumps(result))
         return
@@ -187,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         cmd = [sys.executable, __file__, "--child", row, "--out", str(args.out)]
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+        cmd += ["--timm-repo", str(args.timm_repo)] if args.timm_repo else []
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         print(f"{row}: {'done' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    report = table(args.out, list(ROWS))
+    report = table(args.out, [*ROWS, *PEERS])
     (args.out / "table.md").write_text(report + "\n")
     print(report)
 

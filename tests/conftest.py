@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import torch
 
 from tlkit import FineTuner, HeadReplacer, TrainConfig
 from tlkit.callbacks import Callback
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (-n 2 on two cores) each worker computes with one thread: two workers of
+    # two threads each would fight over the cores.
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "garbage" / "data"

@@ -42,11 +42,18 @@ def empty_mlflow_db(tmp_path_factory):
 
 
 def _run_dir(tmp_path, template=None):
+    """A new run folder; with ``template``, a copy of the empty MLflow store beside it (an
+    ``mlflow.db`` inside would make the folder hold a run: `tlkit.runlock.RUN_FILES`)."""
     run = tmp_path / "run"
     run.mkdir()
     if template is not None:
-        shutil.copy(template, run / "mlflow.db")
+        shutil.copy(template, tmp_path / "mlflow.db")
     return run
+
+
+def _store(run):
+    """The tracking URI of the store `_run_dir` put beside ``run``."""
+    return f"sqlite:///{run.parent / 'mlflow.db'}"
 
 
 def _csv_rows(path):
@@ -67,10 +74,10 @@ def _tensorboard(folder):
     return events
 
 
-def _mlflow_client(run):
+def _mlflow_client(run, uri=None):
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    return MlflowClient(uri or f"sqlite:///{run / 'mlflow.db'}")
 
 
 def _only_run(client):
@@ -85,7 +92,7 @@ def fitted(data, tmp_path_factory, empty_mlflow_db):
     pytest.importorskip("tensorboard")
     train, val = data
     run = _run_dir(tmp_path_factory.mktemp("fitted"), empty_mlflow_db)
-    mlflow_logger = MLflowLogger()
+    mlflow_logger = MLflowLogger(tracking_uri=_store(run))
     tuner = tiny_tuner(CLASSES, output_dir=run, callbacks=[CSVLogger(), TensorBoardLogger(log_every_n_steps=2),
                                                            mlflow_logger])
     history = tuner.fit(train, val)
@@ -128,7 +135,7 @@ def test_tensorboard_scalars_are_the_history_at_the_step_counts(fitted):
 
 def test_mlflow_run_holds_params_and_one_point_per_epoch(fitted):
     run, history, _, logger = fitted
-    client = _mlflow_client(run)
+    client = _mlflow_client(run, _store(run))
     found = _only_run(client)
     assert found.info.run_id == logger.run_id and found.info.status == "FINISHED" and found.info.run_name == "run"
     top1 = client.get_metric_history(logger.run_id, "top1")
@@ -155,23 +162,23 @@ class CrashAt(Callback):
             raise KeyboardInterrupt  # the epoch's files are all written
 
 
-def _loggers():
-    return [CSVLogger(), TensorBoardLogger(log_every_n_steps=2), MLflowLogger()]
+def _loggers(uri=None):
+    return [CSVLogger(), TensorBoardLogger(log_every_n_steps=2), MLflowLogger(tracking_uri=uri)]
 
 
 def test_crash_and_resume_leave_one_entry_per_epoch_in_every_logger(data, tmp_path, empty_mlflow_db):
     pytest.importorskip("tensorboard")
     train, val = data
     run = _run_dir(tmp_path, empty_mlflow_db)
-    first = _loggers()
+    first = _loggers(_store(run))
     with pytest.raises(KeyboardInterrupt):
         tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=[*first, CrashAt("on_checkpoint_saved", 1)]).fit(
             train, val)
-    second = _loggers()
+    second = _loggers(_store(run))
     with pytest.raises(KeyboardInterrupt):  # epoch 2 is logged everywhere, then resumed from epoch 1
         tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=[*second, CrashAt("on_epoch_end", 2)]).fit(
             train, val, resume=True)
-    last = _loggers()
+    last = _loggers(_store(run))
     tuner = tiny_tuner(CLASSES, output_dir=run, epochs=3, callbacks=last)
     history = tuner.fit(train, val, resume=True)
     for crashed in (first, second):
@@ -187,17 +194,19 @@ def test_crash_and_resume_leave_one_entry_per_epoch_in_every_logger(data, tmp_pa
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
 
     assert first[2].run_id == second[2].run_id == last[2].run_id
-    client = _mlflow_client(run)
+    client = _mlflow_client(run, _store(run))
     assert _only_run(client).info.status == "FINISHED"
     logged = client.get_metric_history(last[2].run_id, "top1")
     assert [m.step for m in logged] == [1, 2, 3]
     assert [m.value for m in logged] == [r["top1"] for r in history]  # resume retrains epoch 2 exactly
 
 
-def test_train_config_loggers_write_every_file(data, tmp_path, empty_mlflow_db):
+def test_train_config_loggers_write_every_file(data, tmp_path):
+    # The default store, OUTPUT_DIR/mlflow.db, created by the run (MLflow's migrations: seconds).
     pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
     train, val = data
-    run = _run_dir(tmp_path, empty_mlflow_db)
+    run = _run_dir(tmp_path)
     history = tiny_tuner(CLASSES, output_dir=run, epochs=1, loggers=["csv", "tensorboard", "mlflow"]).fit(train, val)
     assert len(_csv_rows(run / "metrics.csv")) == 1
     assert len(_tensorboard(run / "tensorboard").Scalars("val/top1")) == 1

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tlkit import FreezePolicy, HeadReplacer
-from tlkit._meta_check import MetaValuesSkipped
+from tlkit._meta import MetaValuesSkipped
 from tlkit.freeze import parameter_groups
 from tlkit.head import head_width
 

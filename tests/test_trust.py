@@ -401,7 +401,7 @@ def test_cli_predict_on_a_bad_run_exits_non_zero_with_one_line_naming_the_file(a
 def test_skipping_meta_values_changes_no_shape_and_leaves_real_tensors_alone():
     import timm
 
-    from tlkit._meta_check import MetaValuesSkipped
+    from tlkit._meta import MetaValuesSkipped
 
     for name in ["resnet18", "vit_tiny_patch16_224", "efficientnet_b0"]:
         with torch.device("meta"):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tlkit._header import CheckpointHeader
+from tlkit._meta import MetaValuesSkipped
 from tlkit.backbone import create_backbone
 from tlkit.checkpoint import CheckpointError, check_tensors_match
 from tlkit.head import HeadReplacer
@@ -67,25 +68,6 @@ class WeightsOnMeta(TorchFunctionMode):
         if func in _SIZED and kwargs.get("device") is None and _requested_numel(func, args, kwargs) > _SMALL:
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
-
-
-_T = torch.Tensor
-# In-place value operations (weight initialisation): on a meta tensor they change no shape and no
-# value (it has none), but torch runs them through its reference decompositions, which made them
-# most of the time of building a model on meta (trunc_normal_'s clamp_ alone).
-_VALUE_OPS = {_T.clamp_, _T.clamp_min_, _T.clamp_max_, _T.normal_, _T.uniform_, _T.erfinv_, _T.mul_, _T.add_,
-              _T.sub_, _T.div_, _T.sqrt_, _T.zero_, _T.fill_, _T.copy_, _T.exponential_, _T.bernoulli_,
-              _T.random_, _T.log_normal_, _T.geometric_, _T.cauchy_}
-
-
-class MetaValuesSkipped(TorchFunctionMode):
-    """Within this mode, in-place value operations on ``meta`` tensors return at once (shapes are
-    unchanged, and a meta tensor has no values); every other call runs as usual."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _VALUE_OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            return args[0]
-        return func(*args, **(kwargs or {}))
 
 
 # Tried in order: the plain meta device first, the mixed mode for layouts computed with tensors.

@@ -11,6 +11,7 @@ from torch import nn
 
 from tlkit._introspect import architecture_name as _arch
 from tlkit._introspect import classifier_module_names, classifier_param_names
+from tlkit._meta import MetaValuesSkipped
 from tlkit.config import HeadConfig
 
 __all__ = ["HeadReplacer", "TaskHead", "check_head_width", "classifier_module_names", "classifier_param_names",
@@ -244,7 +245,7 @@ def _reset_targets(model: nn.Module, num_classes: int) -> list[tuple[str, int]]:
     # Run timm's reset_classifier on a weightless twin; the layers it creates with num_classes
     # outputs are the classifiers (timm knows its heads better than any name heuristic).
     twin = _meta_twin(model)
-    with torch.device("meta"):
+    with torch.device("meta"), MetaValuesSkipped():  # the new layers' shapes matter, not their values
         twin.reset_classifier(num_classes)
     return [(n, _in_width(m)) for n, m in twin.named_modules()
             if not getattr(m, "_tlkit_twin", False) and _out_width(m) == num_classes]
