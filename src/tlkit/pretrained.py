@@ -24,7 +24,11 @@ import socket
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from tlkit.config import BackboneConfig
 
 from tlkit._known_weights import KNOWN_WEIGHTS, KnownWeights, known_weights
 
@@ -153,7 +157,7 @@ def _no_weights_message(name: str, why: str) -> str:
             "--set backbone.weights=FILE (Python: BackboneConfig(weights=FILE)), or backbone.pretrained=false")
 
 
-def choose_source(config):
+def choose_source(config: BackboneConfig) -> BackboneConfig:
     """``config`` with its weights source decided (see the module docstring).
 
     Args:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 
 from tlkit.config import RunConfig
 from tlkit.freeze import FreezePolicy
@@ -115,7 +115,7 @@ FEW_PER_CLASS = 20
 a network on a handful of photos per class overfits; the probe is also the fastest)."""
 
 
-def adapt_to_data(config: RunConfig, train) -> RunConfig:
+def adapt_to_data(config: RunConfig, train: Sized) -> RunConfig:
     """The ``auto`` recipe's choices for this training data (what `tlkit.run.prepare_run` records).
 
     Rules (AutoGluon's idea of presets that choose for the user; numbers measured on TrashNet,

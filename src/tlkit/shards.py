@@ -99,7 +99,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             ``False`` reads them in order (evaluation).
         seed: the shuffle's seed (``seed + epoch``).
         shuffle_buffer: samples each worker holds to shuffle among.
-        rank, world_size: this process and the process count; default the torchrun process group.
+        rank: this process's rank; default the torchrun process group's.
+        world_size: the process count; default the torchrun process group's.
 
     Raises:
         FileNotFoundError: no ``shards.json`` in ``folder``.
