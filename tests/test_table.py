@@ -143,8 +143,12 @@ def test_cli_trains_evaluates_predicts_exports_and_serves_from_a_table(tmp_path,
     recorded = RunConfig.from_file(run / "config.yaml")
     assert recorded.head.multilabel is multilabel and recorded.data.labels == table
     assert ("map" in out) is multilabel and ("top1" in out) is not multilabel
+    if out["checkpoint"] == "best.safetensors":  # named by the metric that picked it: mAP has no top-1
+        assert out["selected_by"] == f"best {'map' if multilabel else 'top1'} on the validation split"
     assert main(["evaluate", "--checkpoint", str(run), "--split", "test"]) == 0
-    test = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    test = json.loads(captured.out)
+    assert f"reading {table} as recorded" in captured.err and "of the test split of" in captured.err
     assert (test.get("n") or 3) == 3
     photo = str(tmp_path / "images" / sorted((tmp_path / "images").iterdir())[0].name)
     assert main(["predict", "--checkpoint", str(run), photo]) == 0

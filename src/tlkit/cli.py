@@ -167,8 +167,11 @@ def _summary(tuner) -> dict:
     from tlkit.report import shipped_metrics
 
     record, metrics = shipped_metrics(tuner)  # tlkit train always validates
+    from tlkit.config import best_key
+
     best = tuner.best.get("epoch") == record["epoch"]
-    why = f"best {tuner.config.best_metric} on the validation split" if best else "last validated epoch"
+    key = best_key(tuner.config, tuner.multilabel)
+    why = f"best {key} on the validation split" if best else "last validated epoch"
     return {"checkpoint": "best.safetensors" if best else "last.safetensors", "epoch": record["epoch"],
             "selected_by": why, **metrics.to_dict()}
 
@@ -186,7 +189,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         data = ImageFolderDataset(args.data, classes=tuner.classes, allow_missing_classes=True)
     # One line before the work (a log shows what runs), then a bar on a terminal; stdout stays the JSON.
-    where = f"the validation split of {_run_config_file(args.checkpoint)}" if args.split else str(args.data)
+    where = f"the {args.split} split of {_run_config_file(args.checkpoint)}" if args.split else str(args.data)
     print(f"tlkit evaluate: {len(data)} images of {escape_control(where)} on {tuner.device}"
           + (f", TTA {args.tta}" if args.tta != "none" else ""), file=sys.stderr)
     metrics = tuner.evaluate(data, batch_size=args.batch_size, tta=args.tta)
@@ -196,7 +199,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         from tlkit.report import class_report, class_report_markdown
 
-        where = f"--split val of {args.checkpoint}" if args.split else f"{args.data}"
+        where = f"--split {args.split} of {args.checkpoint}" if args.split else f"{args.data}"
         text = f"# Evaluation of {args.checkpoint}\n\nData: {where}; TTA: {args.tta}.\n\n"
         args.report.parent.mkdir(parents=True, exist_ok=True)
         from tlkit._fs import atomic_write_bytes
@@ -235,7 +238,8 @@ def _recorded_data(checkpoint: Path | str, option: str):
                          f"from elsewhere, or an edited config), so the data folder it names is not read; "
                          f"pass {_INSTEAD[option]}")
     data = RunConfig.from_file(config_file).data
-    print(f"tlkit: reading {escape_control(str(data.root))} as recorded in {config_file}", file=sys.stderr)
+    source = data.labels if data.labels is not None else data.root  # a label table names the images itself
+    print(f"tlkit: reading {escape_control(str(source))} as recorded in {config_file}", file=sys.stderr)
     return data
 
 

@@ -32,6 +32,7 @@ from tlkit.freeze import FreezePolicy
 
 __all__ = [
     "ConfigError",
+    "best_key",
     "StrictModel",
     "DataConfigOverrides",
     "BackboneConfig",
@@ -747,3 +748,14 @@ class RunConfig(StrictModel):
             text = yaml.safe_dump(data, sort_keys=False)
         # Atomic, and never through a link planted in a run folder (tlkit._fs).
         return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def best_key(config: TrainConfig, multilabel: bool) -> str:
+    """The record key that picks the best checkpoint: ``best_metric``, with ``top1`` read as ``map``
+    for a multi-label run (which has no top-1), and ``map`` / ``micro_f1`` as ``top1`` for a single-label one."""
+    key = config.best_metric
+    if multilabel and key == "top1":
+        return "map"
+    if not multilabel and key in ("map", "micro_f1"):
+        return "top1"
+    return key

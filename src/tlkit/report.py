@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tlkit.checkpoint import atomic_write_bytes
+from tlkit.config import best_key
 from tlkit.metrics import ClassificationMetrics
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def model_card(tuner: Run, report: dict[str, Any], data: dict[str, Any] | None =
         f"std {meta['data_config']['std']}, {meta['data_config']['interpolation']} resize, "
         f"crop_pct {meta['data_config']['crop_pct']}.",
         f"- Trained with tlkit {meta['tlkit_version']}: {len(tuner.history)} epochs "
-        f"(best by {tuner.config.best_metric}: epoch {best if best is not None else 'n/a'}), "
+        f"(best by {best_key(tuner.config, tuner.multilabel)}: epoch {best if best is not None else 'n/a'}), "
         f"freeze policy `{json.dumps(meta['freeze_policy'])}`.",
         "",
         "## Data",

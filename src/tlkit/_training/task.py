@@ -4,22 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tlkit.config import best_key
+
 if TYPE_CHECKING:
     from tlkit._protocols import Run
-    from tlkit.config import TrainConfig
 
 __all__ = ["best_key", "check_task"]
-
-
-def best_key(config: TrainConfig, multilabel: bool) -> str:
-    """The record key that picks the best checkpoint: ``best_metric``, with ``top1`` read as ``map``
-    for a multi-label run (which has no top-1), and ``map`` / ``micro_f1`` as ``top1`` for a single-label one."""
-    key = config.best_metric
-    if multilabel and key == "top1":
-        return "map"
-    if not multilabel and key in ("map", "micro_f1"):
-        return "top1"
-    return key
 
 
 def check_task(tuner: Run, train: Any) -> None:
