@@ -5,7 +5,7 @@ import timm
 import torch
 from conftest import copy_sample, tiny_tuner
 
-from tlkit.soup import interpolate, uniform_soup
+from tlkit.soup import greedy_soup, interpolate, uniform_soup
 
 
 def _state(seed):
@@ -87,3 +87,48 @@ def test_cli_soup_averages_checkpoints_and_refuses_other_runs(tmp_path, capsys):
     assert main(["soup", "--checkpoint", str(paths[0]), "--checkpoint", str(other),
                  "--output", str(tmp_path / "bad.safetensors")]) == 2
     assert "differ in" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_greedy_soup_keeps_what_does_not_lower_the_score():
+    # Scalar "models" w with score -|w - 0.4|: alone 0 scores -0.4, 1 scores -0.6, 10 scores -9.6.
+    # Soup {0, 1} = 0.5 scores -0.1 (kept); adding 10 gives 3.67 (refused).
+    states = [{"w": torch.tensor([v])} for v in (1.0, 10.0, 0.0)]
+    calls = []
+
+    def score(state):
+        calls.append(float(state["w"]))
+        return -abs(float(state["w"]) - 0.4)
+
+    soup, kept = greedy_soup(states, score)
+    assert kept == [2, 0] and torch.allclose(soup["w"], torch.tensor([0.5]))
+    assert len(calls) == 2 * len(states) - 1
+    same = _state(0)
+    soup, kept = greedy_soup([same, {k: v.clone() for k, v in same.items()}], lambda s: 1.0)
+    assert kept == [0, 1] and all(torch.equal(soup[k], same[k]) for k in same)
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_soup([], score)
+
+
+def test_cli_greedy_soup_drops_a_checkpoint_that_lowers_validation_top1(tmp_path, capsys):
+    import json
+
+    from tlkit.checkpoint import load_checkpoint
+    from tlkit.cli import main
+
+    classes = ["cardboard", "glass", "metal"]
+    val = copy_sample(tmp_path / "val", classes[:2], per_class=2)  # no metal photo
+    paths = []
+    # Heads whose output is their bias: "good" always answers cardboard (top-1 0.5 on val), "bad"
+    # always metal (0.0); their soup's bias [50, 0, 150] answers metal (0.0), so greedy drops "bad".
+    for name, bias in (("good", [100.0, 0.0, 0.0]), ("bad", [0.0, 0.0, 300.0])):
+        tuner = tiny_tuner(classes)
+        with torch.no_grad():
+            tuner.model.get_classifier().weight.zero_()
+            tuner.model.get_classifier().bias.copy_(torch.tensor(bias))
+        paths.append(tuner.save(tmp_path / f"{name}.safetensors"))
+    assert main(["soup", "--checkpoint", str(paths[1]), "--checkpoint", str(paths[0]), "--greedy", str(val),
+                 "--output", str(tmp_path / "greedy.safetensors")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept"] == [str(paths[0])] and out["models"] == 1
+    soup, _ = load_checkpoint(tmp_path / "greedy.safetensors")
+    assert all(torch.equal(soup[k], load_checkpoint(paths[0])[0][k]) for k in soup)

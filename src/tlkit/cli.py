@@ -606,10 +606,26 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soup_scorer(checkpoint: str, folder: Path):
+    """The validation score of a state for ``soup --greedy``: top-1 (mAP for multi-label) on ``folder``."""
+    from tlkit import FineTuner, ImageFolderDataset
+
+    tuner = FineTuner.load(checkpoint, device="cpu", progress=False)
+    data = ImageFolderDataset(folder, classes=tuner.classes, allow_missing_classes=True)
+    key = "map" if tuner.multilabel else "top1"
+
+    def score(state) -> float:
+        tuner.model.load_state_dict(state)
+        return float(tuner.evaluate(data).to_dict()[key])
+
+    return score
+
+
 def _cmd_soup(args: argparse.Namespace) -> int:
-    """Average checkpoints of one architecture and one class list into one (a uniform model soup)."""
+    """Average checkpoints of one architecture and one class list into one (a uniform or greedy model soup)."""
+    from tlkit import FineTuner
     from tlkit.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-    from tlkit.soup import uniform_soup
+    from tlkit.soup import greedy_soup, uniform_soup
 
     if len(args.checkpoint) < 2:
         raise ValueError("soup: give at least two --checkpoint (runs of the same recipe, other seeds or epochs)")
@@ -617,8 +633,6 @@ def _cmd_soup(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output}: already exists; pass --overwrite to replace it")
     states, metas = [], []
     for path in args.checkpoint:
-        from tlkit import FineTuner
-
         FineTuner.load(path, device="cpu", progress=False)  # the trust checks of a checkpoint, each file
         state, meta = load_checkpoint(resolve_checkpoint(path))
         states.append(state)
@@ -626,10 +640,14 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     for key in ("backbone", "classes", "data_config", "head"):
         if any(m[key] != metas[0][key] for m in metas[1:]):
             raise ValueError(f"soup: the checkpoints differ in {key}; only models of one run recipe average")
-    meta = {**metas[0], "metrics": {"soup_models": len(states)}}
+    if args.greedy:
+        soup, kept = greedy_soup(states, _soup_scorer(args.checkpoint[0], args.greedy))
+    else:
+        soup, kept = uniform_soup(states), list(range(len(states)))
+    meta = {**metas[0], "metrics": {"soup_models": len(kept)}}
     meta.pop("calibration", None)  # a soup's confidence is not its ingredients': fit it again on validation photos
-    out = save_checkpoint(args.output, uniform_soup(states), meta)
-    print(json.dumps({"soup": str(out), "models": len(states)}))
+    out = save_checkpoint(args.output, soup, meta)
+    print(json.dumps({"soup": str(out), "models": len(kept), "kept": [str(args.checkpoint[i]) for i in kept]}))
     return 0
 
 
@@ -835,6 +853,9 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
                    help="a .safetensors checkpoint or a run folder; repeat it (at least two)")
     p.add_argument("--output", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--greedy", type=Path, metavar="VAL_FOLDER",
+                   help="a greedy soup: keep a checkpoint only if it does not lower top-1 (mAP) on these "
+                        "validation photos, one folder per class (never the photos that judge the soup)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_cmd_soup)
 

@@ -11,6 +11,10 @@ in the space where fine-tuning moved them gives some of it back at no inference 
 * **Uniform soups** (Wortsman et al., "Model soups", ICML 2022): the mean of models fine-tuned
   from the same start (other seeds, other epochs). `uniform_soup`; ``tlkit soup`` on the command
   line averages checkpoints of the same architecture and classes.
+* **Greedy soups** (same paper, its "greedy soup" recipe): the ingredients ranked by their own
+  validation score, best first; each joins the soup only if the soup's validation score does
+  not drop. `greedy_soup`; ``tlkit soup --greedy VAL_FOLDER``. Score it on validation photos,
+  never on the photos that will judge the soup.
 
 Floating-point tensors are averaged; integer ones (BatchNorm's ``num_batches_tracked``) are
 taken from the last model.
@@ -18,11 +22,11 @@ taken from the last model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["interpolate", "uniform_soup"]
+__all__ = ["greedy_soup", "interpolate", "uniform_soup"]
 
 
 def _check_same(states: Sequence[dict[str, torch.Tensor]]) -> None:
@@ -80,3 +84,34 @@ def uniform_soup(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
         else:
             out[k] = v.clone()
     return out
+
+
+def greedy_soup(states: Sequence[dict[str, torch.Tensor]],
+                score: Callable[[dict[str, torch.Tensor]], float]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A greedy model soup (Wortsman et al., ICML 2022, Recipe 2).
+
+    Each state is scored alone; then, best first, a state joins the soup when the uniform soup
+    with it scores at least as well as without it. The best single model is always in.
+
+    Args:
+        states: models fine-tuned from the same start (same names and shapes).
+        score: a state's validation score, higher is better (top-1, mAP...); called
+            ``2 * len(states) - 1`` times.
+
+    Returns:
+        The soup's state and the indices of ``states`` in it, in the order they joined.
+
+    Raises:
+        ValueError: no state, or states that differ in names or shapes.
+    """
+    if not states:
+        raise ValueError("a soup needs at least one model")
+    _check_same(states)
+    own = [score(s) for s in states]
+    order = sorted(range(len(states)), key=lambda i: -own[i])  # stable: ties keep the given order
+    kept, best = [order[0]], own[order[0]]
+    for i in order[1:]:
+        trial = score(uniform_soup([states[j] for j in [*kept, i]]))
+        if trial >= best:
+            kept, best = [*kept, i], trial
+    return uniform_soup([states[j] for j in kept]), kept
