@@ -17,7 +17,8 @@ table gives top-1 with its 95% Wilson interval, macro-F1, per-class recall, expe
 error (15 bins) and the accuracy at 80% coverage (the most confident 80% of photos), then the
 peers of `bench_peers.py` (fastai, Lightning, timm's train.py; rows ``fastai-lite0``,
 ``lightning-lite0``, ``timm-lite0``, run when named in ``--rows``) scored the same way on their
-hard predictions. Nothing is asserted: the numbers belong to
+hard predictions. ``ens-probes`` (no training of its own) averages the probabilities of the
+``probe`` and ``lite0-probe`` rows. Nothing is asserted: the numbers belong to
 the machine, and one realworld-dev photo is 1.3 points.
 """
 
@@ -56,6 +57,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 # The peers of bench_peers.py, trained as there (the whole pool, their own recipes) and scored on
 # the same photos. They give hard predictions only: no ECE, no coverage curve.
 PEERS = {"fastai-lite0": "row_fastai", "lightning-lite0": "row_lightning", "timm-lite0": "row_timm"}
+# Ensembles of measured rows: their probabilities averaged (no training of their own; the time is the sum).
+ENSEMBLES = {"ens-probes": ("probe", "lite0-probe")}
 VAL_FRACTION = 0.1  # of the pool: chooses nothing, fits the temperature and the reject threshold
 
 
@@ -163,6 +166,21 @@ def _extra_items(folder: Path, classes: list[str]) -> list[list]:
     return [[str(p), int(y)] for p, y in ds.samples]
 
 
+def load_row(out: Path, row: str) -> dict | None:
+    """A measured row's result, or an ensemble's (mean probabilities of its members), or None."""
+    if row in ENSEMBLES:
+        members = [load_row(out, m) for m in ENSEMBLES[row]]
+        if any(m is None for m in members):
+            return None
+        sets = {name: [[sum(col) / len(members) for col in zip(*rows, strict=True)]
+                       for rows in zip(*(m["sets"][name] for m in members), strict=True)]
+                for name in members[0]["sets"]}
+        return {"train_seconds": sum(m["train_seconds"] for m in members), "sets": sets,
+                "settings": "mean probabilities of " + " + ".join(ENSEMBLES[row])}
+    f = out / "rows" / f"{row}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
 def table(out: Path, rows: list[str]) -> str:
     split = json.loads((out / "split.json").read_text())
     sets = {"trashnet": split["test"], **split["extra"]}
@@ -171,10 +189,9 @@ def table(out: Path, rows: list[str]) -> str:
              "| row | set | top-1 (95% CI) | macro-F1 | ECE | top-1 at 80% coverage | recall per class | train time |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        f = out / "rows" / f"{row}.json"
-        if not f.exists():
+        res = load_row(out, row)
+        if res is None:
             continue
-        res = json.loads(f.read_text())
         for name, items in sets.items():
             m = scored(res["sets"][name], [y for _, y in items], split["classes"])
             recall = " ".join(f"{c[:4]} {v:.2f}" for c, v in m["recall"].items())
@@ -182,8 +199,7 @@ def table(out: Path, rows: list[str]) -> str:
             lines.append(f"| {row} | {name} | {100 * m['top1']:.1f}% ({100 * m['ci'][0]:.0f}-{100 * m['ci'][1]:.0f}) | "
                          f"{m['macro_f1']:.3f} | {ece_cell} | {cover_cell} | {recall} | "
                          f"{res['train_seconds']:.0f} s |")
-    lines += ["", "settings:"] + [f"- {r}: {json.loads((out / 'rows' / f'{r}.json').read_text())['settings']}"
-                                  for r in rows if (out / "rows" / f"{r}.json").exists()]
+    lines += ["", "settings:"] + [f"- {r}: {res['settings']}" for r in rows if (res := load_row(out, r))]
     return "\n".join(lines)
 
 
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         done = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         print(f"{row}: {'done' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    report = table(args.out, [*ROWS, *PEERS])
+    report = table(args.out, [*ROWS, *ENSEMBLES, *PEERS])
     (args.out / "table.md").write_text(report + "\n")
     print(report)
 

@@ -2,7 +2,7 @@
 
 This is how ``docs/images/demo.png`` is made::
 
-    python examples/garbage/demo_screenshot.py --checkpoint runs/garbage-finetune-strong \\
+    python examples/garbage/demo_screenshot.py --checkpoint runs/garbage-linear-probe \\
         --photo examples/garbage/data/glass/glass114.jpg --output docs/images/demo.png
 
 Needs ``pip install "tlkit[demo]" playwright`` and Debian's ``chromium`` package.
