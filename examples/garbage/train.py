@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="linear-probe",
                    help="default linear-probe, the recipe that held up best on real photos (docs/results.md: "
                         "48%% on realworld-dev against 27%% for finetune-strong, equal on TrashNet's held-out "
-                        "photos); finetune-strong fine-tunes the last four stages")
+                        "photos); on the shipped sample 75.0%%, 69.4%%, 66.7%% top-1 on its 36 val photos with "
+                        "--seed 0, 1, 2, in 19-20 s (2 cores of an Intel Xeon with AMX-BF16; finetune-strong: "
+                        "69.4-75.0%% in 38-41 s); finetune-strong fine-tunes the last four stages")
     p.add_argument("--backbone", default="mobilenetv2_100", help="any timm model name")
     p.add_argument("--weights", type=Path,
                    help="local weights file (default: the shipped file for mobilenetv2_100; else a file tlkit "
