@@ -184,7 +184,8 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
         vs = (f"{100 * sum(per[d]['top1'] - ref[d]['top1'] for d in both) / len(both):+.1f} pts, "
               f"{sum(per[d]['seconds'] for d in both) / max(sum(ref[d]['seconds'] for d in both), 1e-9):.2f}x time"
               if both and r != reference else "")
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * mean:.1f}% | {secs:.0f} | {vs} |")
+        partial = f" ({len(full)} of {len(datasets)} sets)" if len(full) < len(datasets) else ""
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * mean:.1f}%{partial} | {secs:.0f} | {vs} |")
     return "\n".join(lines)
 
 
