@@ -188,10 +188,8 @@ def table(out: Path, rows: list[str]) -> str:
              + "; ".join(f"{k}: {len(v)} photos" for k, v in split["extra"].items()), "",
              "| row | set | top-1 (95% CI) | macro-F1 | ECE | top-1 at 80% coverage | recall per class | train time |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        res = load_row(out, row)
-        if res is None:
-            continue
+    results = {row: res for row in rows if (res := load_row(out, row)) is not None}
+    for row, res in results.items():
         for name, items in sets.items():
             m = scored(res["sets"][name], [y for _, y in items], split["classes"])
             recall = " ".join(f"{c[:4]} {v:.2f}" for c, v in m["recall"].items())
@@ -199,7 +197,7 @@ def table(out: Path, rows: list[str]) -> str:
             lines.append(f"| {row} | {name} | {100 * m['top1']:.1f}% ({100 * m['ci'][0]:.0f}-{100 * m['ci'][1]:.0f}) | "
                          f"{m['macro_f1']:.3f} | {ece_cell} | {cover_cell} | {recall} | "
                          f"{res['train_seconds']:.0f} s |")
-    lines += ["", "settings:"] + [f"- {r}: {res['settings']}" for r in rows if (res := load_row(out, r))]
+    lines += ["", "settings:"] + [f"- {r}: {res['settings']}" for r, res in results.items()]
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=256)
     args = p.parse_args(argv)
     transform = timm.data.create_transform(224, is_training=True)
-    folder = ImageFolderDataset(args.data)
+    folder = ImageFolderDataset(args.data).with_transform(transform)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         write_shards(folder, Path(tmp) / "shards", samples_per_shard=args.samples_per_shard)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         shards = ShardDataset(Path(tmp) / "shards", transform, rank=0, world_size=1)
         rates: dict[str, list[float]] = {"folder": [], "shards": []}
         for epoch in range(args.repeats):
-            rates["folder"].append(one_pass(folder.with_transform(transform), args.workers, shuffle=True))
+            rates["folder"].append(one_pass(folder, args.workers, shuffle=True))
             shards.set_epoch(epoch)
             rates["shards"].append(one_pass(shards, args.workers, shuffle=False))
     med = {k: statistics.median(v) for k, v in rates.items()}

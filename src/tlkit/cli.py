@@ -164,11 +164,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _summary(tuner) -> dict:
     """What ``tlkit train`` prints last: the shipped checkpoint's validation metrics, as report.md has them."""
+    from tlkit.config import best_key
     from tlkit.report import shipped_metrics
 
     record, metrics = shipped_metrics(tuner)  # tlkit train always validates
-    from tlkit.config import best_key
-
     best = tuner.best.get("epoch") == record["epoch"]
     key = best_key(tuner.config, tuner.multilabel)
     why = f"best {key} on the validation split" if best else "last validated epoch"
@@ -606,11 +605,11 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _soup_scorer(checkpoint: str, folder: Path):
-    """The validation score of a state for ``soup --greedy``: top-1 (mAP for multi-label) on ``folder``."""
-    from tlkit import FineTuner, ImageFolderDataset
+def _soup_scorer(tuner, folder: Path):
+    """The validation score of a state for ``soup --greedy``: top-1 (mAP for multi-label) on ``folder``,
+    through ``tuner`` (a `FineTuner` of the soup's architecture; its weights are replaced)."""
+    from tlkit import ImageFolderDataset
 
-    tuner = FineTuner.load(checkpoint, device="cpu", progress=False)
     data = ImageFolderDataset(folder, classes=tuner.classes, allow_missing_classes=True)
     key = "map" if tuner.multilabel else "top1"
 
@@ -631,9 +630,10 @@ def _cmd_soup(args: argparse.Namespace) -> int:
         raise ValueError("soup: give at least two --checkpoint (runs of the same recipe, other seeds or epochs)")
     if args.output.exists() and not args.overwrite:
         raise ValueError(f"--output {args.output}: already exists; pass --overwrite to replace it")
-    states, metas = [], []
+    states, metas, first = [], [], None
     for path in args.checkpoint:
-        FineTuner.load(path, device="cpu", progress=False)  # the trust checks of a checkpoint, each file
+        tuner = FineTuner.load(path, device="cpu", progress=False)  # the trust checks of a checkpoint, each file
+        first = first or tuner  # kept to score states for --greedy
         state, meta = load_checkpoint(resolve_checkpoint(path))
         states.append(state)
         metas.append(meta)
@@ -641,7 +641,7 @@ def _cmd_soup(args: argparse.Namespace) -> int:
         if any(m[key] != metas[0][key] for m in metas[1:]):
             raise ValueError(f"soup: the checkpoints differ in {key}; only models of one run recipe average")
     if args.greedy:
-        soup, kept = greedy_soup(states, _soup_scorer(args.checkpoint[0], args.greedy))
+        soup, kept = greedy_soup(states, _soup_scorer(first, args.greedy))
     else:
         soup, kept = uniform_soup(states), list(range(len(states)))
     meta = {**metas[0], "metrics": {"soup_models": len(kept)}}

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from tlkit._known_weights import KNOWN_WEIGHTS, KnownWeights, known_weights
+
 if TYPE_CHECKING:
     from tlkit.config import BackboneConfig
-
-from tlkit._known_weights import KNOWN_WEIGHTS, KnownWeights, known_weights
 
 __all__ = ["HubDownloadError", "SHIPPED_MOBILENETV2", "choose_source", "describe_source", "hub_cache_file",
            "hub_offline", "hub_reachable", "local_weights", "offline_models"]
