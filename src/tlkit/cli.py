@@ -633,7 +633,7 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     states, metas, first = [], [], None
     for path in args.checkpoint:
         tuner = FineTuner.load(path, device="cpu", progress=False)  # the trust checks of a checkpoint, each file
-        first = first or tuner  # kept to score states for --greedy
+        first = tuner if first is None else first  # kept to score states for --greedy
         state, meta = load_checkpoint(resolve_checkpoint(path))
         states.append(state)
         metas.append(meta)
