@@ -141,7 +141,7 @@ def strangers_run(tmp_path):
 def test_the_demo_never_publishes_what_a_downloaded_run_folder_points_at(strangers_run, capsys):
     import argparse
 
-    from tlkit.cli import _demo_examples
+    from tlkit.cli._use import _demo_examples
 
     run, private = strangers_run
     tuner = FineTuner.load(run, device="cpu", progress=False)

@@ -327,7 +327,8 @@ set_values = st.sampled_from(YAML_JUNK + ["banana", "-1", "0", "4294967296", "[3
 @example(overrides=[("backbone.data_config.input_size", "[3, 100000, 100000]")])
 @example(overrides=[("train.seed", "-1"), ("train.epochs", "1e23")])
 def test_train_checks_random_overrides_before_writing(folder, overrides):
-    from tlkit.cli import _train_inputs, build_parser
+    from tlkit.cli import build_parser
+    from tlkit.cli._train import _train_inputs
 
     run = folder / "cli-run"
     sets = [f"{k}={v}" for k, v in overrides]

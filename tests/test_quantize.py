@@ -136,9 +136,9 @@ def test_cli_without_calibration_photos_says_what_to_pass_and_writes_nothing(tmp
 
 
 def test_cli_default_calibration_count_is_the_library_one():
-    import tlkit.cli
+    from tlkit.cli._args import CALIBRATION_IMAGES
 
-    assert tlkit.cli.CALIBRATION_IMAGES == quantize.CALIBRATION_IMAGES
+    assert CALIBRATION_IMAGES == quantize.CALIBRATION_IMAGES
 
 
 @pytest.mark.parametrize("flags,said", [({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False),
