@@ -261,7 +261,7 @@ def test_cli_demo_examples_default_to_one_photo_per_class_of_the_recorded_split(
     from conftest import copy_sample, recorded_run
 
     from tlkit import RunConfig, load_datasets
-    from tlkit.cli import _demo_examples
+    from tlkit.cli._use import _demo_examples
 
     root = copy_sample(tmp_path / "data", CLASSES, 4)
     run = tmp_path / "run"
@@ -359,3 +359,17 @@ def test_a_prediction_below_the_reject_threshold_says_not_sure_on_the_page(tmp_p
     assert status.startswith("**Not sure.**") and "100%" in status
     tuner.calibration = {"temperature": 1.0, "reject_threshold": 0.0}
     assert _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))[2] == ""
+
+
+def test_a_multilabel_model_names_every_label_above_its_threshold_on_the_page():
+    from tlkit.demo import _classify_upload, _shown
+
+    tuner = tiny_tuner(CLASSES)
+    photo = sorted((SAMPLE / "glass").iterdir())[0]
+    tuner.thresholds = [0.0, 1.5, 0.0]  # sigmoid outputs: always at or above 0, never at 1.5
+    shown = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))
+    assert set(shown[1]) == set(CLASSES)
+    assert shown[2].startswith("**Labels:** cardboard, metal (")
+    tuner.thresholds = [1.5, 1.5, 1.5]
+    shown = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))
+    assert shown[2].startswith("**No label**")
