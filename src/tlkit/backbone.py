@@ -178,23 +178,34 @@ def load_weights(
         head_only_missing = set(file_sd) <= set(model_sd) and len(set(file_sd) & set(model_sd)) > 0.9 * len(file_sd)
         key_mapping = "exact" if same or head_only_missing else "by_order"
     if key_mapping == "exact":
-        from tlkit._introspect import classifier_param_names
+        model.load_state_dict(_pair_by_name(model, model_sd, file_sd, path), strict=False)
+    else:
+        model.load_state_dict(_pair_by_order(model, model_sd, file_sd, path), strict=False)
+    return model
 
-        unexpected = [k for k in file_sd if k not in model_sd]
-        missing = [k for k in model_sd if k not in file_sd and _COUNTER not in k]
-        missing_body = [k for k in missing if k not in set(classifier_param_names(model))]
-        if unexpected or missing_body:
-            raise ValueError(
-                f"{path}: key names do not match {type(model).__name__}: "
-                f"unexpected {unexpected[:3]} ({len(unexpected)}), missing {missing_body[:3]} "
-                f"({len(missing_body)}); try key_mapping='by_order' if the file comes from other code"
-            )
-        bad = [(k, tuple(v.shape), k, tuple(model_sd[k].shape)) for k, v in file_sd.items()
-               if tuple(v.shape) != tuple(model_sd[k].shape)]
-        if bad:
-            raise ValueError(_mismatch_message(path, bad))
-        model.load_state_dict(file_sd, strict=False)
-        return model
+
+def _pair_by_name(model: nn.Module, model_sd: dict, file_sd: dict, path: Path) -> dict:
+    """``file_sd`` checked against ``model_sd`` by name (the classifier may be missing); raises ValueError."""
+    from tlkit._introspect import classifier_param_names
+
+    unexpected = [k for k in file_sd if k not in model_sd]
+    missing = [k for k in model_sd if k not in file_sd and _COUNTER not in k]
+    missing_body = [k for k in missing if k not in set(classifier_param_names(model))]
+    if unexpected or missing_body:
+        raise ValueError(
+            f"{path}: key names do not match {type(model).__name__}: "
+            f"unexpected {unexpected[:3]} ({len(unexpected)}), missing {missing_body[:3]} "
+            f"({len(missing_body)}); try key_mapping='by_order' if the file comes from other code"
+        )
+    bad = [(k, tuple(v.shape), k, tuple(model_sd[k].shape)) for k, v in file_sd.items()
+           if tuple(v.shape) != tuple(model_sd[k].shape)]
+    if bad:
+        raise ValueError(_mismatch_message(path, bad))
+    return file_sd
+
+
+def _pair_by_order(model: nn.Module, model_sd: dict, file_sd: dict, path: Path) -> dict:
+    """``file_sd``'s tensors renamed to ``model_sd``'s keys in order, shape for shape; raises ValueError."""
     if path.suffix == ".safetensors":
         raise ValueError(
             f"{path}: key names differ from {type(model).__name__}'s and a safetensors file stores "
@@ -213,9 +224,7 @@ def load_weights(
             f"cannot map by order (first unpaired: "
             f"{(file_items[len(model_keys)][0] if len(file_items) > len(model_keys) else model_keys[len(file_items)])!r})"
         )
-    mapped = {mk: fv for (_, fv), mk in zip(file_items, model_keys)}
-    model.load_state_dict(mapped, strict=False)
-    return model
+    return {mk: fv for (_, fv), mk in zip(file_items, model_keys)}
 
 
 def resolve_data_config(

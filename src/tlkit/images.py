@@ -194,6 +194,36 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) ->
     return image.convert("RGB")
 
 
+def _check_file_size(path: Path, max_bytes: int | None) -> None:
+    """Raise `BadImageError` for a missing, empty or over-``max_bytes`` file, before it is opened."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadImageError(f"{path}: cannot read file ({e.strerror or e})") from e
+    if size == 0:
+        raise BadImageError(f"{path}: empty file (0 bytes)")
+    if max_bytes is not None and size > max_bytes:
+        raise BadImageError(f"{path}: file has {size} bytes, over the limit of {max_bytes} (max_bytes)")
+
+
+def _check_header(opened: Image.Image, path: Path, max_pixels: int | None) -> None:
+    """Raise `BadImageError` when the header's size or pixel format would need too much memory to decode."""
+    if max_pixels is None:
+        return
+    width, height = opened.size
+    if width * height > max_pixels:
+        raise BadImageError(
+            f"{path}: header claims {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (max_pixels; possible decompression bomb); not decoded"
+        )
+    need = _decode_bytes(opened.mode, width, height, "transparency" in opened.info)
+    if need > DECODE_BYTES_PER_PIXEL * max_pixels:
+        raise BadImageError(
+            f"{path}: a {width}x{height} {opened.mode} image needs about {need / 2**20:.0f} MiB to decode, "
+            f"over the limit of {DECODE_BYTES_PER_PIXEL * max_pixels / 2**20:.0f} MiB "
+            f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of max_pixels); not decoded")
+
+
 def load_image(
     path: str | Path,
     *,
@@ -227,32 +257,14 @@ def load_image(
             The message starts with the path.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise BadImageError(f"{path}: cannot read file ({e.strerror or e})") from e
-    if size == 0:
-        raise BadImageError(f"{path}: empty file (0 bytes)")
-    if max_bytes is not None and size > max_bytes:
-        raise BadImageError(f"{path}: file has {size} bytes, over the limit of {max_bytes} (max_bytes)")
+    _check_file_size(path, max_bytes)
     try:
         with warnings.catch_warnings():
             # PIL warns in open() above Image.MAX_IMAGE_PIXELS; our own limit below decides,
             # and the process-wide setting stays as the user left it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=DECODERS) as opened:
-                width, height = opened.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise BadImageError(
-                        f"{path}: header claims {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{max_pixels} (max_pixels; possible decompression bomb); not decoded"
-                    )
-                need = _decode_bytes(opened.mode, width, height, "transparency" in opened.info)
-                if max_pixels is not None and need > DECODE_BYTES_PER_PIXEL * max_pixels:
-                    raise BadImageError(
-                        f"{path}: a {width}x{height} {opened.mode} image needs about {need / 2**20:.0f} MiB to decode, "
-                        f"over the limit of {DECODE_BYTES_PER_PIXEL * max_pixels / 2**20:.0f} MiB "
-                        f"({DECODE_BYTES_PER_PIXEL} bytes per pixel of max_pixels); not decoded")
+                _check_header(opened, path, max_pixels)
                 if draft_size is not None:
                     opened.draft("RGB", (draft_size, draft_size))  # a no-op except for JPEG
                 opened.load()  # decode now, so truncation shows up here and not in a transform
