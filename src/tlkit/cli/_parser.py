@@ -28,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tlkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_run_commands(sub)
+    _add_run_commands(sub)  # the order of `tlkit --help`
+    _add_machine_commands(sub)
     _add_checkpoint_commands(sub)
+    _add_export_command(sub)
+    _add_model_commands(sub)
     return parser
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that read a RunConfig or data folder: train, config, lr-find, rank, backbones."""
+    """Commands that read a RunConfig or data folder: train, config, lr-find, rank."""
     p = sub.add_parser("train", help="train from a YAML/JSON RunConfig (also under torchrun: DDP, batch_size per process)")
     p.add_argument("--config", type=Path, help="RunConfig file (.yaml, .yml or .json)")
     p.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
@@ -75,6 +78,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_rank)
 
+def _add_machine_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands about this machine and data on disk: shards, env, backbones."""
     p = sub.add_parser("shards", help="write an image folder or a label table as WebDataset tar shards")
     p.add_argument("--data", type=Path, help="folder with one sub-folder per class")
     p.add_argument("--labels", type=Path, help="a label table (CSV/TSV) instead")
@@ -96,7 +101,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that read a checkpoint: evaluate, predict, export, demo."""
+    """Commands that read a checkpoint and images: evaluate, predict."""
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on an image folder; prints one JSON object")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder (its best)")
     p.add_argument("--data", help="folder with one sub-folder per class (names as in the checkpoint)")
@@ -124,8 +129,10 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: average probabilities over flipped / cropped views")
     p.set_defaults(func=_cmd_predict)
 
-    _add_export_command(sub)
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that make or serve a model from checkpoints: soup, demo."""
     p = sub.add_parser("soup", help="average checkpoints of one recipe (other seeds or epochs) into one: a model soup")
     p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
                    help="a .safetensors checkpoint or a run folder; repeat it (at least two)")
