@@ -365,6 +365,7 @@ def test_a_multilabel_model_names_every_label_above_its_threshold_on_the_page():
     from tlkit.demo import _classify_upload, _shown
 
     tuner = tiny_tuner(CLASSES)
+    tuner.head = tuner.head.model_copy(update={"multilabel": True})  # sigmoid outputs, as a multi-label run's
     photo = sorted((SAMPLE / "glass").iterdir())[0]
     tuner.thresholds = [0.0, 1.5, 0.0]  # sigmoid outputs: always at or above 0, never at 1.5
     shown = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))
