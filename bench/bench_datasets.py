@@ -184,8 +184,31 @@ def import_realworld_peers(out: Path, realworld: Path) -> list[str]:
 
 # ---------------------------------------------------------------- table
 
+def paired_interval(hits: dict[str, list[bool]], ref: dict[str, list[bool]], draws: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval, in points, of the mean over datasets of ``hits`` minus ``ref`` top-1.
+
+    Each dataset's test images are resampled with replacement (the same draw for both rows, so the
+    interval is of the difference on the same images), independently per dataset; the interval is
+    the 2.5th and 97.5th percentiles of ``draws`` means (Efron and Tibshirani 1993, percentile method).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    means = np.zeros(draws)
+    for d in hits:
+        diff = np.asarray(hits[d], dtype=float) - np.asarray(ref[d], dtype=float)
+        idx = rng.integers(0, len(diff), size=(draws, len(diff)))
+        means += diff[idx].mean(1) / len(hits)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return 100 * float(low), 100 * float(high)
+
+
 def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlkit-auto") -> str:
+    """The Markdown table of every measured row; "vs auto" is the mean top-1 difference over the datasets
+    both rows have, with its 95% paired-bootstrap interval (`paired_interval`), and the time ratio."""
     got: dict[str, dict[str, dict]] = {}
+    hits: dict[str, dict[str, list[bool]]] = {}
     for d in datasets:
         split_file = out / "splits" / f"{d}.json"
         if not split_file.exists():
@@ -198,7 +221,8 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
                 res = json.loads(f.read_text())
                 got.setdefault(r, {})[d] = {**bench_peers.score(res["pred"], true, split["classes"]),
                                             "seconds": res["train_seconds"]}
-    lines = ["| row | " + " | ".join(f"{d} top-1 / F1 / s" for d in datasets) + " | mean top-1 | mean s | vs auto |",
+                hits.setdefault(r, {})[d] = [p == y for p, y in zip(res["pred"], true)]
+    lines = ["| row | " + " | ".join(f"{d} top-1 / F1 / s" for d in datasets) + " | mean top-1 | mean s | vs auto: top-1 pts [95% CI], time |",
              "|---|" + "---|" * (len(datasets) + 3)]
     ref = got.get(reference, {})
     for r, per in got.items():
@@ -208,9 +232,12 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
         mean = sum(per[d]["top1"] for d in full) / max(len(full), 1)
         secs = sum(per[d]["seconds"] for d in full) / max(len(full), 1)
         both = [d for d in full if d in ref]
-        vs = (f"{100 * sum(per[d]['top1'] - ref[d]['top1'] for d in both) / len(both):+.1f} pts, "
-              f"{sum(per[d]['seconds'] for d in both) / max(sum(ref[d]['seconds'] for d in both), 1e-9):.2f}x time"
-              if both and r != reference else "")
+        vs = ""
+        if both and r != reference:
+            low, high = paired_interval({d: hits[r][d] for d in both}, {d: hits[reference][d] for d in both})
+            vs = (f"{100 * sum(per[d]['top1'] - ref[d]['top1'] for d in both) / len(both):+.1f} pts "
+                  f"[{low:+.1f}, {high:+.1f}], "
+                  f"{sum(per[d]['seconds'] for d in both) / max(sum(ref[d]['seconds'] for d in both), 1e-9):.2f}x time")
         partial = f" ({len(full)} of {len(datasets)} sets)" if len(full) < len(datasets) else ""
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * mean:.1f}%{partial} | {secs:.0f} | {vs} |")
     return "\n".join(lines)

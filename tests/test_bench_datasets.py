@@ -1,0 +1,63 @@
+"""bench/bench_datasets.py's table arithmetic and the import of peer rows from bench_realworld (issue 26)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_datasets  # noqa: E402
+
+
+def test_the_paired_interval_of_identical_rows_is_zero_and_of_opposite_rows_is_a_hundred():
+    right, wrong = [True] * 50, [False] * 50
+    assert bench_datasets.paired_interval({"a": right}, {"a": right}) == (0.0, 0.0)
+    assert bench_datasets.paired_interval({"a": right}, {"a": wrong}) == (100.0, 100.0)
+
+
+def test_the_paired_interval_matches_the_normal_approximation():
+    # Half the images won by the row, none lost: mean +50 points, standard error 100*sqrt(.25/n).
+    n = 400
+    row, ref = [i % 2 == 0 for i in range(n)], [False] * n
+    low, high = bench_datasets.paired_interval({"a": row}, {"a": ref}, draws=4000)
+    half_width = 1.96 * 100 * math.sqrt(0.25 / n)  # 4.9 points
+    assert low == pytest.approx(50 - half_width, abs=0.8) and high == pytest.approx(50 + half_width, abs=0.8)
+    # Two datasets average: one at +50, one at 0 with no spread -> +25, half the spread.
+    low2, high2 = bench_datasets.paired_interval({"a": row, "b": [True] * n}, {"a": ref, "b": [True] * n}, draws=4000)
+    assert (low2 + high2) / 2 == pytest.approx(25, abs=0.5) and high2 - low2 == pytest.approx(half_width, abs=0.6)
+
+
+def _write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_peer_rows_are_taken_from_bench_realworld_only_on_the_same_split(tmp_path):
+    split = {"classes": ["a", "b", "c"], "train": [["x.jpg", 0]], "test": [["y.jpg", 2], ["z.jpg", 1]]}
+    out, realworld = tmp_path / "datasets", tmp_path / "realworld"
+    _write(out / "splits" / "trashnet.json", split)
+    _write(realworld / "split.json", {**split, "extra": {"realworld-dev": [["r.jpg", 0]]}})
+    one_hot = {"trashnet": [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], "realworld-dev": [[0.0, 1.0, 0.0]]}
+    _write(realworld / "rows" / "timm-lite0.json", {"train_seconds": 12.5, "settings": "train.py", "hard": True,
+                                                    "sets": one_hot})
+    assert bench_datasets.import_realworld_peers(out, realworld) == ["timm"]
+    row = json.loads((out / "rows" / "trashnet" / "timm.json").read_text())
+    assert row["pred"] == [2, 0] and row["train_seconds"] == 12.5 and "same split" in row["settings"]
+    assert bench_datasets.import_realworld_peers(out, realworld) == []  # a row already here is kept
+
+    _write(realworld / "split.json", {**split, "test": [["y.jpg", 2], ["other.jpg", 1]]})
+    with pytest.raises(SystemExit, match="split differs"):
+        bench_datasets.import_realworld_peers(out, realworld)
+
+
+def test_the_table_scores_each_row_against_auto_on_the_datasets_both_have(tmp_path):
+    split = {"classes": ["a", "b"], "train": [], "test": [["p", 0], ["q", 1], ["r", 1], ["s", 0]]}
+    _write(tmp_path / "splits" / "mnist.json", split)
+    _write(tmp_path / "rows" / "mnist" / "tlkit-auto.json", {"pred": [0, 1, 0, 0], "train_seconds": 100})
+    _write(tmp_path / "rows" / "mnist" / "timm.json", {"pred": [0, 1, 1, 0], "train_seconds": 250})
+    text = bench_datasets.table(tmp_path, ["mnist", "trashnet"], ["tlkit-auto", "timm"])
+    auto, timm = (line for line in text.splitlines() if line.startswith(("| tlkit-auto", "| timm")))
+    assert "75.0% / 0.733 / 100" in auto and "(1 of 2 sets)" in auto
+    assert "100.0% / 1.000 / 250" in timm and "+25.0 pts [+0.0, +75.0], 2.50x time" in timm
