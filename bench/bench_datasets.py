@@ -19,8 +19,10 @@ selects on):
 Every row uses the offline EfficientNet-Lite0 weights (the peers' rows of `bench_peers.py`) and
 runs in its own process; ``OUT/rows/<dataset>/<row>.json`` keeps its predictions and seconds. The
 table gives top-1, macro-F1 and training time per dataset, then the mean over datasets and the
-ratios to ``tlkit-auto``. AutoGluon's ``MultiModalPredictor`` pins older torch and timm and needs
-its own virtual environment: not run here (see the results page). Nothing is asserted.
+ratios to ``tlkit-auto``. AutoGluon's ``MultiModalPredictor`` pins older torch and timm: its row
+runs `autogluon_row.py` with the Python of its own virtual environment (``--autogluon-python``),
+the same weights through a private offline hub cache, and ``time_limit`` set to ``tlkit-auto``'s
+measured training time on that dataset (its defaults otherwise). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ SHARED = ROOT.parent / "shared" / "data"
 DATASETS = ["trashnet", "bccd-cells", "fashion-mnist", "mnist"]
 FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 ROWS = {"tlkit-probe": "linear-probe", "tlkit-finetune-strong": "finetune-strong", "tlkit-lp-ft": "lp-ft",
-        "tlkit-auto": "auto", "fastai": None, "lightning": None, "timm": None}
+        "tlkit-auto": "auto", "fastai": None, "lightning": None, "timm": None, "autogluon": None}
 PER_CLASS = (100, 50)  # training and test images per class of the npm sets
 
 
@@ -139,7 +141,31 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
                         f"final model"}
 
 
-def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: Path | None) -> None:
+def _autogluon_row(split_file: Path, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
+    """AutoGluon's MultiModalPredictor in its own venv (`autogluon_row.py`), given tlkit-auto's time."""
+    import torch  # noqa: F401  (safetensors' torch helpers)
+    from safetensors.torch import save_file
+
+    from tlkit.backbone import create_backbone
+
+    if not (autogluon_python and autogluon_python.exists()):
+        raise SystemExit("autogluon: give --autogluon-python (the python of a venv with autogluon.multimodal)")
+    weights = work / "tf_efficientnet_lite0.safetensors"
+    state = create_backbone(bench_peers.backbone_config("lite0")).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    auto = split_file.parent.parent / "rows" / split_file.stem / "tlkit-auto.json"
+    budget = json.loads(auto.read_text())["train_seconds"] if auto.exists() and not epochs else None
+    result = work / "result.json"
+    cmd = [str(autogluon_python), str(HERE / "autogluon_row.py"), "--split", str(split_file), "--weights", str(weights),
+           "--work", str(work), "--out", str(result)]
+    cmd += ["--time-limit", f"{budget:.0f}"] if budget else []
+    cmd += ["--epochs", str(epochs)] if epochs else []
+    subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return json.loads(result.read_text())
+
+
+def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: Path | None,
+              autogluon_python: Path | None = None) -> None:
     split = json.loads((out / "splits" / f"{dataset}.json").read_text())
     work = out / "work" / dataset / row
     work.mkdir(parents=True, exist_ok=True)
@@ -150,6 +176,8 @@ def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: 
         result = bench_peers.row_fastai(split, work, e)
     elif row == "lightning":
         result = bench_peers.row_lightning(split, work, e)
+    elif row == "autogluon":
+        result = _autogluon_row(out / "splits" / f"{dataset}.json", work, epochs, autogluon_python)
     else:
         result = bench_peers.row_timm(split, work, e, timm_repo)
     (out / "rows" / dataset).mkdir(parents=True, exist_ok=True)
@@ -253,13 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, help="override every row's epoch count (smoke runs)")
     p.add_argument("--limit", type=int, help="the first N photos of each class (smoke runs)")
     p.add_argument("--reuse", action="store_true", help="keep rows already measured")
+    p.add_argument("--autogluon-python", type=Path,
+                   help="the python of a venv with autogluon.multimodal (the autogluon row; see autogluon_row.py)")
     p.add_argument("--peers-from", type=Path, metavar="DIR",
                    help="take TrashNet peer rows from a bench_realworld.py output folder (same split, checked)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     if args.child:
-        return run_child(*args.child, args.out, args.epochs, args.timm_repo)
+        return run_child(*args.child, args.out, args.epochs, args.timm_repo, args.autogluon_python)
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for d in args.datasets:
         (args.out / "splits" / f"{d}.json").write_text(json.dumps(make_split(d, args.npm, args.out, args.limit)))
@@ -274,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, __file__, "--child", d, row, "--out", str(args.out)]
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []
             cmd += ["--timm-repo", str(args.timm_repo)] if args.timm_repo else []
+            cmd += ["--autogluon-python", str(args.autogluon_python)] if args.autogluon_python else []
             t0 = time.perf_counter()
             done = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             print(f"{d}/{row}: {'done' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} "

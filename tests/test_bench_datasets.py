@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,27 @@ def test_the_table_scores_each_row_against_auto_on_the_datasets_both_have(tmp_pa
     auto, timm = (line for line in text.splitlines() if line.startswith(("| tlkit-auto", "| timm")))
     assert "75.0% / 0.733 / 100" in auto and "(1 of 2 sets)" in auto
     assert "100.0% / 1.000 / 250" in timm and "+25.0 pts [+0.0, +75.0], 2.50x time" in timm
+
+
+def test_the_autogluon_row_hands_timm_the_benchs_weights_through_an_offline_hub_cache(tmp_path):
+    # What AutoGluon's timm does inside autogluon_row.py: create_model(pretrained=True) with no network.
+    import subprocess
+
+    import autogluon_row
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_lite0").state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    home = autogluon_row.offline_hub_cache(tmp_path / "w.safetensors", tmp_path / "hf")
+    code = ("import timm, torch; m = timm.create_model('tf_efficientnet_lite0', pretrained=True, num_classes=0); "
+            "torch.save(m.state_dict(), 'loaded.pt')")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert set(loaded) == {k for k in state if not k.startswith("classifier.")}
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
