@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--weights", type=Path, required=True, help="tf_efficientnet_lite0 weights, timm key names")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--time-limit", type=float, help="seconds (AutoGluon's fit(time_limit=))")
+    p.add_argument("--time-limit", type=int, help="whole seconds (AutoGluon's fit(time_limit=))")
     p.add_argument("--epochs", type=int, help="optim.max_epochs (default AutoGluon's, 20)")
     args = p.parse_args()
     os.environ["HF_HOME"] = str(offline_hub_cache(args.weights, args.work / "hf"))
