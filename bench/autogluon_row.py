@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--time-limit", type=int, help="whole seconds (AutoGluon's fit(time_limit=))")
     p.add_argument("--epochs", type=int, help="optim.max_epochs (default AutoGluon's, 20)")
     args = p.parse_args()
-    os.environ["HF_HOME"] = str(offline_hub_cache(args.weights, args.work / "hf"))
+    home = offline_hub_cache(args.weights, args.work / "hf")
+    os.environ["HF_HOME"], os.environ["HF_HUB_CACHE"] = str(home), str(home / "hub")  # HF_HUB_CACHE wins over HF_HOME
     os.environ["HF_HUB_OFFLINE"] = "1"
     import pandas as pd
     from autogluon.multimodal import MultiModalPredictor

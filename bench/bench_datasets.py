@@ -143,7 +143,6 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
 
 def _autogluon_row(split_file: Path, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
     """AutoGluon's MultiModalPredictor in its own venv (`autogluon_row.py`), given tlkit-auto's time."""
-    import torch  # noqa: F401  (safetensors' torch helpers)
     from safetensors.torch import save_file
 
     from tlkit.backbone import create_backbone
@@ -153,13 +152,16 @@ def _autogluon_row(split_file: Path, work: Path, epochs: int | None, autogluon_p
     weights = work / "tf_efficientnet_lite0.safetensors"
     state = create_backbone(bench_peers.backbone_config("lite0")).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
-    auto = split_file.parent.parent / "rows" / split_file.stem / "tlkit-auto.json"
-    budget = json.loads(auto.read_text())["train_seconds"] if auto.exists() and not epochs else None
     result = work / "result.json"
     cmd = [str(autogluon_python), str(HERE / "autogluon_row.py"), "--split", str(split_file), "--weights", str(weights),
            "--work", str(work), "--out", str(result)]
-    cmd += ["--time-limit", f"{budget:.0f}"] if budget else []
-    cmd += ["--epochs", str(epochs)] if epochs else []
+    if epochs:  # a smoke run: that many epochs, no time limit
+        cmd += ["--epochs", str(epochs)]
+    else:
+        auto = split_file.parent.parent / "rows" / split_file.stem / "tlkit-auto.json"
+        if not auto.exists():
+            raise SystemExit(f"autogluon: its time limit is tlkit-auto's time on {split_file.stem}; run that row first")
+        cmd += ["--time-limit", str(max(1, round(json.loads(auto.read_text())["train_seconds"])))]
     subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     return json.loads(result.read_text())
 
@@ -247,6 +249,9 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
             f = out / "rows" / d / f"{r}.json"
             if f.exists():
                 res = json.loads(f.read_text())
+                if len(res["pred"]) != len(true):  # measured on another split (--limit): not comparable
+                    print(f"{d}/{r}: {len(res['pred'])} predictions for {len(true)} test images; left out", file=sys.stderr)
+                    continue
                 got.setdefault(r, {})[d] = {**bench_peers.score(res["pred"], true, split["classes"]),
                                             "seconds": res["train_seconds"]}
                 hits.setdefault(r, {})[d] = [p == y for p, y in zip(res["pred"], true)]
@@ -271,6 +276,15 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
     return "\n".join(lines)
 
 
+def _missing_tool(row: str, args: argparse.Namespace) -> str | None:
+    """The option a peer row needs and did not get (timm's train.py, AutoGluon's venv), else None."""
+    if row == "timm" and not (args.timm_repo and (args.timm_repo / "train.py").exists()):
+        return "--timm-repo"
+    if row == "autogluon" and not (args.autogluon_python and args.autogluon_python.exists()):
+        return "--autogluon-python"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--autogluon-python", type=Path,
                    help="the python of a venv with autogluon.multimodal (the autogluon row; see autogluon_row.py)")
     p.add_argument("--peers-from", type=Path, metavar="DIR",
-                   help="take TrashNet peer rows from a bench_realworld.py output folder (same split, checked)")
+                   help="take TrashNet peer rows from a bench_realworld.py output folder (same split, checked; "
+                        "the rows taken are not trained again)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -293,13 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for d in args.datasets:
         (args.out / "splits" / f"{d}.json").write_text(json.dumps(make_split(d, args.npm, args.out, args.limit)))
-        if d == "trashnet" and args.peers_from:
-            print(f"trashnet: peer rows taken from {args.peers_from}: {import_realworld_peers(args.out, args.peers_from)}")
+        imported = import_realworld_peers(args.out, args.peers_from) if d == "trashnet" and args.peers_from else []
+        if imported:
+            print(f"trashnet: peer rows taken from {args.peers_from}: {imported}")
         for row in args.rows:
-            if args.reuse and (args.out / "rows" / d / f"{row}.json").exists():
+            if (args.reuse or row in imported) and (args.out / "rows" / d / f"{row}.json").exists():
                 continue
-            if row == "timm" and not (args.timm_repo and (args.timm_repo / "train.py").exists()):
-                print(f"{d}/{row}: skipped (give --timm-repo)", flush=True)
+            missing = _missing_tool(row, args)
+            if missing:
+                print(f"{d}/{row}: skipped (give {missing})", flush=True)
                 continue
             cmd = [sys.executable, __file__, "--child", d, row, "--out", str(args.out)]
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []

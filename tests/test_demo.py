@@ -374,3 +374,8 @@ def test_a_multilabel_model_names_every_label_above_its_threshold_on_the_page():
     tuner.thresholds = [1.5, 1.5, 1.5]
     shown = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))
     assert shown[2].startswith("**No label**")
+    tuner.thresholds = None  # none stored (a new head): predict decides at 0.5, and the page says so
+    shown = _shown(lambda: _classify_upload(tuner, str(photo), photo.name, "none", 2**24, ValueError), str(photo))
+    above = [c for c, p in shown[1].items() if p >= 0.5]
+    assert "0.5 (this model stores no thresholds)" in shown[2]
+    assert shown[2].startswith(f"**Labels:** {', '.join(above)} (" if above else "**No label**")

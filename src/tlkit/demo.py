@@ -131,7 +131,7 @@ def _classify_upload(tuner: Run, path: str, name: str, tta: str, max_bytes: int,
         raise error(_public_message(str(e), path, name)) from None
     preview.thumbnail((_PREVIEW_SIDE, _PREVIEW_SIDE))
     if prediction.labels is not None:  # multi-label: the answer is a set, not the top bar of the chart
-        _NOTES[path] = _labels_note(prediction.labels)
+        _NOTES[path] = _labels_note(prediction.labels, tuned=tuner.thresholds is not None)
     elif not prediction.sure:  # below the reject threshold fitted on the validation photos
         threshold = (tuner.calibration or {}).get("reject_threshold", 0.0)
         _NOTES[path] = (f"**Not sure.** The most probable class, {markdown_text(prediction.label)}, has "
@@ -139,12 +139,14 @@ def _classify_upload(tuner: Run, path: str, name: str, tta: str, max_bytes: int,
     return preview, prediction.probabilities
 
 
-def _labels_note(labels: Sequence[str]) -> str:
-    """The status line of a multi-label answer: the labels at or above their tuned thresholds."""
+def _labels_note(labels: Sequence[str], tuned: bool = True) -> str:
+    """The status line of a multi-label answer: the labels at or above their thresholds (tuned on the
+    validation photos, or 0.5 for a model that has none stored)."""
+    where = "the threshold tuned for it on the validation photos" if tuned else "0.5 (this model stores no thresholds)"
     if not labels:
-        return "**No label** reaches the threshold tuned for it on the validation photos."
-    return (f"**Labels:** {', '.join(markdown_text(label) for label in labels)} (each at or above the "
-            "threshold tuned for it on the validation photos; the bars are independent probabilities).")
+        return f"**No label** reaches {where}."
+    return (f"**Labels:** {', '.join(markdown_text(label) for label in labels)} (each at or above {where}; "
+            "the bars are independent probabilities).")
 
 
 def _check_arguments(top_k: int, tta: str, max_upload_bytes: int, examples: Sequence[str | Path]) -> None:

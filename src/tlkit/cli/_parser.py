@@ -78,6 +78,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_rank)
 
+
 def _add_machine_commands(sub: argparse._SubParsersAction) -> None:
     """Commands about this machine and data on disk: shards, env, backbones."""
     p = sub.add_parser("shards", help="write an image folder or a label table as WebDataset tar shards")
@@ -128,7 +129,6 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=["none", "hflip", "multi-crop"], default="none",
                    help="test-time augmentation: average probabilities over flipped / cropped views")
     p.set_defaults(func=_cmd_predict)
-
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
