@@ -40,6 +40,14 @@ def offline_hub_cache(weights: Path, home: Path) -> Path:
     return home
 
 
+def offline_env(home: Path) -> dict[str, str]:
+    """The environment in which huggingface_hub (and timm through it) reads only the cache at ``home``.
+
+    ``HF_HUB_CACHE`` is set as well as ``HF_HOME`` because a user's own ``HF_HUB_CACHE`` wins over ``HF_HOME``.
+    """
+    return {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", type=Path, required=True, help="bench_datasets.py's split JSON")
@@ -49,9 +57,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=int, help="whole seconds (AutoGluon's fit(time_limit=))")
     p.add_argument("--epochs", type=int, help="optim.max_epochs (default AutoGluon's, 20)")
     args = p.parse_args()
-    home = offline_hub_cache(args.weights, args.work / "hf")
-    os.environ["HF_HOME"], os.environ["HF_HUB_CACHE"] = str(home), str(home / "hub")  # HF_HUB_CACHE wins over HF_HOME
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.update(offline_env(offline_hub_cache(args.weights, args.work / "hf")))  # before huggingface_hub loads
     import pandas as pd
     from autogluon.multimodal import MultiModalPredictor
 

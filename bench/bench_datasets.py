@@ -141,7 +141,7 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
                         f"final model"}
 
 
-def _autogluon_row(split_file: Path, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
+def _autogluon_row(out: Path, dataset: str, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
     """AutoGluon's MultiModalPredictor in its own venv (`autogluon_row.py`), given tlkit-auto's time."""
     from safetensors.torch import save_file
 
@@ -153,14 +153,14 @@ def _autogluon_row(split_file: Path, work: Path, epochs: int | None, autogluon_p
     state = create_backbone(bench_peers.backbone_config("lite0")).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
     result = work / "result.json"
-    cmd = [str(autogluon_python), str(HERE / "autogluon_row.py"), "--split", str(split_file), "--weights", str(weights),
-           "--work", str(work), "--out", str(result)]
+    cmd = [str(autogluon_python), str(HERE / "autogluon_row.py"), "--split", str(out / "splits" / f"{dataset}.json"),
+           "--weights", str(weights), "--work", str(work), "--out", str(result)]
     if epochs:  # a smoke run: that many epochs, no time limit
         cmd += ["--epochs", str(epochs)]
     else:
-        auto = split_file.parent.parent / "rows" / split_file.stem / "tlkit-auto.json"
+        auto = out / "rows" / dataset / "tlkit-auto.json"
         if not auto.exists():
-            raise SystemExit(f"autogluon: its time limit is tlkit-auto's time on {split_file.stem}; run that row first")
+            raise SystemExit(f"autogluon: its time limit is tlkit-auto's time on {dataset}; run that row first")
         cmd += ["--time-limit", str(max(1, round(json.loads(auto.read_text())["train_seconds"])))]
     subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     return json.loads(result.read_text())
@@ -179,7 +179,7 @@ def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: 
     elif row == "lightning":
         result = bench_peers.row_lightning(split, work, e)
     elif row == "autogluon":
-        result = _autogluon_row(out / "splits" / f"{dataset}.json", work, epochs, autogluon_python)
+        result = _autogluon_row(out, dataset, work, epochs, autogluon_python)
     else:
         result = bench_peers.row_timm(split, work, e, timm_repo)
     (out / "rows" / dataset).mkdir(parents=True, exist_ok=True)

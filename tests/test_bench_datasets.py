@@ -79,7 +79,7 @@ def test_the_autogluon_row_hands_timm_the_benchs_weights_through_an_offline_hub_
     home = autogluon_row.offline_hub_cache(tmp_path / "w.safetensors", tmp_path / "hf")
     code = ("import timm, torch; m = timm.create_model('tf_efficientnet_lite0', pretrained=True, num_classes=0); "
             "torch.save(m.state_dict(), 'loaded.pt')")
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **autogluon_row.offline_env(home)}  # the environment the script runs AutoGluon in
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-1500:]
