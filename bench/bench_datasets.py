@@ -143,15 +143,7 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
 
 def _autogluon_row(out: Path, dataset: str, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
     """AutoGluon's MultiModalPredictor in its own venv (`autogluon_row.py`), given tlkit-auto's time."""
-    from safetensors.torch import save_file
-
-    from tlkit.backbone import create_backbone
-
-    if not (autogluon_python and autogluon_python.exists()):
-        raise SystemExit("autogluon: give --autogluon-python (the python of a venv with autogluon.multimodal)")
-    weights = work / "tf_efficientnet_lite0.safetensors"
-    state = create_backbone(bench_peers.backbone_config("lite0")).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    weights = bench_peers.save_lite0_weights(work / "tf_efficientnet_lite0.safetensors")
     result = work / "result.json"
     cmd = [str(autogluon_python), str(HERE / "autogluon_row.py"), "--split", str(out / "splits" / f"{dataset}.json"),
            "--weights", str(weights), "--work", str(work), "--out", str(result)]
@@ -168,6 +160,9 @@ def _autogluon_row(out: Path, dataset: str, work: Path, epochs: int | None, auto
 
 def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: Path | None,
               autogluon_python: Path | None = None) -> None:
+    missing = _missing_tool(row, timm_repo, autogluon_python)
+    if missing:
+        raise SystemExit(f"{row}: give {missing}")
     split = json.loads((out / "splits" / f"{dataset}.json").read_text())
     work = out / "work" / dataset / row
     work.mkdir(parents=True, exist_ok=True)
@@ -276,12 +271,12 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
     return "\n".join(lines)
 
 
-def _missing_tool(row: str, args: argparse.Namespace) -> str | None:
+def _missing_tool(row: str, timm_repo: Path | None, autogluon_python: Path | None) -> str | None:
     """The option a peer row needs and did not get (timm's train.py, AutoGluon's venv), else None."""
-    if row == "timm" and not (args.timm_repo and (args.timm_repo / "train.py").exists()):
-        return "--timm-repo"
-    if row == "autogluon" and not (args.autogluon_python and args.autogluon_python.exists()):
-        return "--autogluon-python"
+    if row == "timm" and not (timm_repo and (timm_repo / "train.py").exists()):
+        return "--timm-repo (a checkout of pytorch-image-models)"
+    if row == "autogluon" and not (autogluon_python and autogluon_python.exists()):
+        return "--autogluon-python (the python of a venv with autogluon.multimodal)"
     return None
 
 
@@ -314,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in args.rows:
             if (args.reuse or row in imported) and (args.out / "rows" / d / f"{row}.json").exists():
                 continue
-            missing = _missing_tool(row, args)
+            missing = _missing_tool(row, args.timm_repo, args.autogluon_python)
             if missing:
                 print(f"{d}/{row}: skipped (give {missing})", flush=True)
                 continue

@@ -97,6 +97,18 @@ def timm_model(which: str, num_classes: int):
     return model
 
 
+def save_lite0_weights(path: Path) -> Path:
+    """The offline Lite0 ImageNet weights (the package's keys renamed in order to timm's) as a safetensors
+    file at ``path``, for peers that load weights by file (timm's train.py, AutoGluon); returns ``path``."""
+    from safetensors.torch import save_file
+
+    from tlkit.backbone import create_backbone
+
+    state = create_backbone(backbone_config("lite0")).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def timm_transforms(model, size: int | None = None):
     """timm's own training and eval transforms for the model's weights (mean = std = 0.5)."""
     from timm.data import create_transform, resolve_data_config
@@ -306,8 +318,6 @@ def row_timm(split: dict, out: Path, epochs: int, timm_repo: Path) -> dict:
     import torch
 
     out = out.resolve()  # train.py runs in the checkout
-    from safetensors.torch import save_file
-
     data = out / "timm-data"
     for part, items in (("train", split["train"]), ("validation", split["train"][:LOG_VAL])):
         for p, y in items:
@@ -315,8 +325,8 @@ def row_timm(split: dict, out: Path, epochs: int, timm_repo: Path) -> dict:
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
                 link.symlink_to(Path(p).resolve())
-    weights = out / "lite0-timm.safetensors"  # the package's keys renamed in order to timm's
-    save_file({k: v.contiguous() for k, v in timm_model("lite0", 1000).state_dict().items()}, str(weights))
+    # Its ImageNet classifier is dropped by train.py (--num-classes differs from the file's 1000).
+    weights = save_lite0_weights(out / "lite0-timm.safetensors")
     cmd = [sys.executable, str(timm_repo / "train.py"), "--data-dir", str(data), "--model", "tf_efficientnet_lite0",
            "--pretrained", "--pretrained-path", str(weights), "--num-classes", str(len(split["classes"])),
            "--epochs", str(epochs), "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--sched", "cosine",

